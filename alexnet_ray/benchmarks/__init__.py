@@ -1,0 +1,1 @@
+"""Benchmarks behind `python jobs/benchmark.py <name>`; each module has main(argv) -> int."""

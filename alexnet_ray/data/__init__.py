@@ -1,0 +1,1 @@
+"""ImageNet layouts, Parquet shards, augmentation, Ray Data pipelines, the embedded demo dataset."""

@@ -1,0 +1,1 @@
+"""Topology, process groups, the cross-connect exchanges, micro-batch schedule, data-parallel sync."""

@@ -1,0 +1,1 @@
+"""Config, the per-worker loop, Trainer.fit(), checkpoints, metrics, LR schedules."""
