@@ -1,1 +1,19 @@
 """Pure-torch reference AlexNet, one Tower, and state-dict split/merge. No Ray, no torch.distributed."""
+
+from .layers import LAYER_NAMES, ModelPlan, check_model_args, min_image_size, spatial_sizes
+from .network import (
+    EXCHANGE_DIM,
+    EXCHANGE_POINTS,
+    NUM_STAGES,
+    STAGE_LAYERS,
+    AlexNet,
+    Tower,
+    merge_state_dicts,
+    split_state_dict,
+)
+
+__all__ = [
+    "AlexNet", "Tower", "split_state_dict", "merge_state_dicts", "check_model_args", "ModelPlan",
+    "spatial_sizes", "min_image_size", "LAYER_NAMES", "EXCHANGE_POINTS", "EXCHANGE_DIM", "NUM_STAGES",
+    "STAGE_LAYERS",
+]

@@ -1,1 +1,18 @@
 """Topology, process groups, the cross-connect exchanges, micro-batch schedule, data-parallel sync."""
+
+from .mappings import (
+    ExchangeTimeoutError,
+    all_reduce_sum,
+    broadcast_from_tower0,
+    gather_from_tower_pair,
+    gather_logits_from_tower_pair,
+    gather_tower_state_dicts,
+)
+from .topology import ParallelGroups, Topology, init_parallel_groups
+from .tower_parallel import TowerParallel
+
+__all__ = [
+    "Topology", "ParallelGroups", "init_parallel_groups", "TowerParallel", "ExchangeTimeoutError",
+    "gather_from_tower_pair", "gather_logits_from_tower_pair", "broadcast_from_tower0",
+    "gather_tower_state_dicts", "all_reduce_sum",
+]

@@ -1,0 +1,112 @@
+"""Rank layout (rank = replica * towers + tower) and the process groups built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+def _positive_int(value, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field}={value!r} must be a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class Topology:
+    """`towers` ranks per replica (adjacent ranks, so partners share a node); `replicas` copies."""
+
+    towers: int = 2
+    replicas: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.towers * self.replicas
+
+    def rank(self, replica: int, tower: int) -> int:
+        if not 0 <= replica < self.replicas or not 0 <= tower < self.towers:
+            raise ValueError(f"(replica={replica}, tower={tower}) is outside {self.replicas} replicas x {self.towers} towers")
+        return replica * self.towers + tower
+
+    def replica_of(self, rank: int) -> int:
+        self._check_rank(rank)
+        return rank // self.towers
+
+    def tower_of(self, rank: int) -> int:
+        self._check_rank(rank)
+        return rank % self.towers
+
+    def pair_ranks(self, replica: int) -> list[int]:
+        return [self.rank(replica, t) for t in range(self.towers)]
+
+    def dp_ranks(self, tower: int) -> list[int]:
+        return [self.rank(r, tower) for r in range(self.replicas)]
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world size {self.world_size}")
+
+    def validate(self, world_size: int | None = None, batch_size: int | None = None, microbatches: int = 1) -> "Topology":
+        """ValueError naming the field for towers not in {1, 2}, a world size other than towers x
+        replicas, or a global batch that does not split into replicas x microbatches equal parts."""
+        if self.towers not in (1, 2) or isinstance(self.towers, bool):
+            raise ValueError(f"parallel.towers={self.towers!r} must be 1 or 2")
+        _positive_int(self.replicas, "parallel.replicas")
+        _positive_int(microbatches, "parallel.microbatches")
+        if world_size is not None and world_size != self.world_size:
+            raise ValueError(
+                f"world size {world_size} != parallel.towers x parallel.replicas = {self.towers} x {self.replicas}")
+        if batch_size is not None:
+            _positive_int(batch_size, "batch_size")
+            parts = self.replicas * microbatches
+            if batch_size % parts:
+                raise ValueError(f"batch_size={batch_size} is not divisible by parallel.replicas x parallel.microbatches "
+                                 f"= {self.replicas} x {microbatches}")
+        return self
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's place in the topology and its two groups."""
+
+    topology: Topology
+    rank: int
+    pair_group: object  # ProcessGroup of this replica's towers
+    dp_group: object  # ProcessGroup of this tower index across replicas
+
+    @property
+    def replica(self) -> int:
+        return self.topology.replica_of(self.rank)
+
+    @property
+    def tower(self) -> int:
+        return self.topology.tower_of(self.rank)
+
+    @property
+    def pair_ranks(self) -> list[int]:
+        return self.topology.pair_ranks(self.replica)
+
+    @property
+    def dp_ranks(self) -> list[int]:
+        return self.topology.dp_ranks(self.tower)
+
+
+def init_parallel_groups(topology: Topology) -> ParallelGroups:
+    """Build every pair group and every data-parallel group; all ranks must call this (new_group is
+    collective and every rank creates all groups in the same order). The default group must exist."""
+    topology.validate()
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("init_parallel_groups needs torch.distributed initialised (Ray Train does it)")
+    topology.validate(world_size=dist.get_world_size())
+    rank = dist.get_rank()
+    pair_group = dp_group = None
+    for replica in range(topology.replicas):
+        group = dist.new_group(topology.pair_ranks(replica))
+        if replica == topology.replica_of(rank):
+            pair_group = group
+    for tower in range(topology.towers):
+        group = dist.new_group(topology.dp_ranks(tower))
+        if tower == topology.tower_of(rank):
+            dp_group = group
+    return ParallelGroups(topology=topology, rank=rank, pair_group=pair_group, dp_group=dp_group)

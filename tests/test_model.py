@@ -1,0 +1,150 @@
+"""Reference AlexNet and Tower: sizes, constants, init, argument checks, split/merge."""
+
+import pytest
+import torch
+from torch import nn
+
+from alexnet_ray.model import AlexNet, Tower, check_model_args, merge_state_dicts, split_state_dict
+
+SMALL = dict(num_classes=10, width=0.25, image_size=64, dropout=0.0)
+
+
+def test_parameter_count_is_the_papers():
+    model = AlexNet()
+    assert sum(p.numel() for p in model.parameters()) == 60_965_224
+    # Without groups conv2/4/5 would read both halves: twice the input channels of their weights.
+    grouped_weights = sum(getattr(model, n).weight.numel() for n in ("conv2", "conv4", "conv5"))
+    assert 60_965_224 + grouped_weights == 62_378_344
+    names = [n for n, _ in model.named_parameters()]
+    assert names == [f"{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+                     for kind in ("weight", "bias")]
+
+
+def test_layer_output_shapes_at_224():
+    model = AlexNet().eval()
+    seen = {}
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, tuple(o.shape)))
+    pools = []
+    model.pool.register_forward_hook(lambda m, i, o: pools.append(tuple(o.shape[1:])))
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 1000)
+    assert seen["conv1"] == (1, 96, 55, 55)
+    assert seen["conv2"] == (1, 256, 27, 27)
+    assert seen["conv3"] == (1, 384, 13, 13)
+    assert seen["conv4"] == (1, 384, 13, 13)
+    assert seen["conv5"] == (1, 256, 13, 13)
+    assert pools == [(96, 27, 27), (256, 13, 13), (256, 6, 6)]
+    assert model.fc6.in_features == 9216 and seen["fc6"] == (1, 4096) and seen["fc7"] == (1, 4096)
+
+
+def test_lrn_uses_paper_constants_within_each_half():
+    model = AlexNet(**SMALL)
+    lrn = model.lrn.lrn
+    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 5e-4, 0.75, 2.0)
+    a = torch.rand(1, 8, 2, 2) * 10
+    out = model.lrn(a)
+    # Paper §3.3: b_i = a_i / (2 + 1e-4 * sum_{|j-i|<=2, same half} a_j^2)^0.75
+    expected = torch.empty_like(a)
+    for i in range(8):
+        lo, hi = (0, 4) if i < 4 else (4, 8)
+        window = a[:, max(lo, i - 2):min(hi, i + 3)]
+        expected[:, i] = a[:, i] / (2 + 1e-4 * (window**2).sum(1)) ** 0.75
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+def test_paper_and_caffe_init():
+    torch.manual_seed(0)
+    paper = AlexNet(width=0.5, image_size=64, num_classes=100)
+    for name in ("conv1", "conv3", "fc8"):
+        assert torch.all(getattr(paper, name).bias == 0)
+    for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
+        assert torch.all(getattr(paper, name).bias == 1)
+    assert abs(paper.fc6.weight.std().item() - 0.01) < 5e-4
+    assert abs(paper.fc6.weight.mean().item()) < 5e-4
+    caffe = AlexNet(width=0.5, image_size=64, num_classes=100, init="caffe")
+    assert torch.all(caffe.conv2.bias == 0.1) and torch.all(caffe.conv1.bias == 0)
+    assert abs(caffe.fc7.weight.std().item() - 0.005) < 3e-4
+    assert abs(caffe.conv3.weight.std().item() - 0.01) < 5e-4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=0.01), "model.width=0.01 leaves conv1 with 0 channels"),
+    (dict(width=0.3), "leaves conv3 with 115 channels, odd"),
+    (dict(width=-1), "model.width=-1"),
+    (dict(image_size=62), "model.image_size=62 is too small"),
+    (dict(image_size=64, pool="plain"), None),
+    (dict(activation="gelu"), "model.activation='gelu'"),
+    (dict(pool="avg"), "model.pool='avg'"),
+    (dict(init="xavier"), "model.init='xavier'"),
+    (dict(dropout=1.0), "model.dropout=1.0"),
+    (dict(num_classes=0), "model.num_classes=0"),
+    (dict(num_classes=7, towers=2), "model.num_classes=7 does not split evenly over 2 towers"),
+    (dict(towers=3), "parallel.towers=3"),
+])
+def test_check_model_args(kwargs, message):
+    if message is None:
+        check_model_args(**kwargs)
+        return
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        check_model_args(**kwargs)
+
+
+def test_bad_args_fail_at_construction():
+    with pytest.raises(ValueError, match="model.width"):
+        AlexNet(width=0.01)
+    with pytest.raises(ValueError, match="tower=2"):
+        Tower(2, 2, **SMALL)
+
+
+def test_image_64_and_ablations_run():
+    x = torch.randn(2, 3, 64, 64)
+    for kwargs in ({}, dict(activation="tanh"), dict(lrn=False), dict(pool="plain")):
+        model = AlexNet(**SMALL, **kwargs)
+        assert model(x).shape == (2, 10)
+    assert isinstance(AlexNet(**SMALL, activation="tanh").act, nn.Tanh)
+    assert isinstance(AlexNet(**SMALL, lrn=False).lrn, nn.Identity)
+    assert AlexNet(**SMALL, pool="plain").pool.kernel_size == 2
+
+
+def test_split_merge_round_trip_is_exact():
+    model = AlexNet(**SMALL)
+    sd = model.state_dict()
+    for towers in (1, 2):
+        parts = split_state_dict(sd, towers)
+        assert len(parts) == towers
+        merged = merge_state_dicts(parts)
+        assert list(merged) == list(sd)
+        for name in sd:
+            assert torch.equal(merged[name], sd[name])
+    halves = split_state_dict(sd, 2)
+    towers = [Tower(t, 2, **SMALL) for t in range(2)]
+    for tower, half in zip(towers, halves):
+        tower.load_state_dict(half)  # strict: names and shapes match the reference's
+    assert towers[0].conv2.weight.shape == (32, 12, 5, 5) and towers[0].conv3.weight.shape == (48, 64, 3, 3)
+    # conv2 is grouped in the reference: tower 1's half is exactly group 1.
+    assert torch.equal(towers[1].conv2.weight, sd["conv2.weight"][32:])
+    # momentum-like dicts with 0-d entries
+    extra = {"fc8.weight": torch.arange(20.0).reshape(10, 2), "step": torch.tensor(3.0)}
+    assert torch.equal(merge_state_dicts(split_state_dict(extra, 2))["fc8.weight"], extra["fc8.weight"])
+    with pytest.raises(ValueError, match="towers=3"):
+        split_state_dict(sd, 3)
+
+
+def test_tower_of_one_is_the_reference_and_two_needs_an_exchange():
+    model = AlexNet(**SMALL)
+    whole = Tower.from_reference(model, 0, 1)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(whole(x), model(x), rtol=0, atol=0)
+    half = Tower.from_reference(model, 0, 2)
+    with pytest.raises(ValueError, match="needs an exchange"):
+        half(x)
+    # Two towers with a local stand-in for the exchange (concatenate both towers' halves) equal the reference.
+    towers = [Tower.from_reference(model, t, 2) for t in range(2)]
+    h = [x, x]
+    for stage in range(5):
+        outs = [tw.stage(stage, inp) for tw, inp in zip(towers, h)]
+        full = torch.cat(outs, dim=1)
+        h = [full, full]
+    torch.testing.assert_close(h[0], model(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,229 @@
+"""Topology, the exchanges and TowerParallel on real gloo process groups (spawned processes).
+
+Ground truth: for towers x replicas in {1x1, 2x1, 1x2, 2x2} and microbatches in {1, 4}, the towers
+give the deep-copied reference model's logits, loss, every gradient (merged back) and the weights
+after 3 SGD steps, for the same global batch, dropout off.
+"""
+
+import copy
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from alexnet_ray.model import AlexNet, Tower, merge_state_dicts
+from alexnet_ray.parallel import (
+    ExchangeTimeoutError,
+    ParallelGroups,
+    Topology,
+    TowerParallel,
+    all_reduce_sum,
+    broadcast_from_tower0,
+    gather_from_tower_pair,
+    gather_logits_from_tower_pair,
+    gather_tower_state_dicts,
+    init_parallel_groups,
+)
+from alexnet_ray.parallel import mappings
+
+# image 96 leaves 2x2 maps after pool5, so fc6's flatten order across the towers is exercised.
+MODEL = dict(num_classes=10, width=0.25, image_size=96, dropout=0.0)
+GLOBAL_BATCH = 16
+SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def _spawn(fn, world: int, tmp_path, *args) -> None:
+    mp.spawn(fn, args=(world, str(tmp_path / "store"), *args), nprocs=world, join=True)
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+
+def _close(tensor, expected, what: str) -> None:
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+# ---- topology and argument checks: no process group needed ------------------------------------
+
+def test_topology_ranks():
+    topo = Topology(towers=2, replicas=3)
+    assert topo.world_size == 6
+    assert [topo.rank(r, t) for r in range(3) for t in range(2)] == list(range(6))
+    assert (topo.replica_of(5), topo.tower_of(5)) == (2, 1)
+    assert topo.pair_ranks(1) == [2, 3] and topo.dp_ranks(1) == [1, 3, 5]
+
+
+@pytest.mark.parametrize("topo, kwargs, message", [
+    (Topology(3, 1), {}, "parallel.towers=3 must be 1 or 2"),
+    (Topology(2, 0), {}, "parallel.replicas=0"),
+    (Topology(2, 2), dict(world_size=3), "world size 3 != parallel.towers x parallel.replicas = 2 x 2"),
+    (Topology(2, 2), dict(batch_size=12, microbatches=4), "batch_size=12 is not divisible by parallel.replicas x parallel.microbatches = 2 x 4"),
+    (Topology(1, 1), dict(microbatches=0), "parallel.microbatches=0"),
+])
+def test_bad_layouts_raise_before_any_process_group(topo, kwargs, message):
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        topo.validate(**kwargs)
+    with pytest.raises(ValueError):
+        init_parallel_groups(Topology(3, 1))
+    assert not dist.is_initialized()
+
+
+def test_tower_parallel_checks_its_arguments():
+    groups = ParallelGroups(Topology(1, 1), rank=0, pair_group=None, dp_group=None)
+    tower = Tower(0, 1, **MODEL)
+    with pytest.raises(ValueError, match="parallel.microbatches=0"):
+        TowerParallel(tower, groups, microbatches=0)
+    with pytest.raises(ValueError, match="does not match"):
+        TowerParallel(Tower(0, 2, **MODEL), groups)
+    with pytest.raises(ValueError, match="replica batch 6 is not divisible by parallel.microbatches=4"):
+        TowerParallel(tower, groups, microbatches=4).forward_backward(torch.zeros(6, 3, 96, 96), torch.zeros(6, dtype=torch.long))
+
+
+# ---- each autograd Function and collective, exact values ---------------------------------------
+
+def _functions_worker(rank, world, store, signal_dir):
+    _init(rank, world, store)
+    groups = init_parallel_groups(Topology(towers=2, replicas=1))
+    pair = groups.pair_group
+    other = 1 - rank
+
+    local = (torch.tensor([[1.0, 2.0], [3.0, 4.0]]) + 10 * rank).requires_grad_(True)
+    out = gather_from_tower_pair(local, pair, dim=1)
+    assert torch.equal(out, torch.tensor([[1.0, 2.0, 11.0, 12.0], [3.0, 4.0, 13.0, 14.0]]))
+    base = torch.arange(8.0).reshape(2, 4)
+    out.backward(base * (rank + 1))  # each tower's next layer sends a different gradient
+    # reduce-scatter: my columns of (1 * base) + my columns of (2 * base)
+    assert torch.equal(local.grad, 3 * base[:, 2 * rank:2 * rank + 2]), local.grad
+
+    logits_local = torch.full((2, 3), float(rank), requires_grad=True)
+    logits = gather_logits_from_tower_pair(logits_local, pair, dim=1)
+    assert torch.equal(logits, torch.tensor([[0.0] * 3 + [1.0] * 3] * 2))
+    grad = torch.arange(12.0).reshape(2, 6)  # identical on both towers, as a replicated loss gives
+    logits.backward(grad)
+    assert torch.equal(logits_local.grad, grad[:, 3 * rank:3 * rank + 3]), logits_local.grad  # not doubled
+
+    # group of one: identity, no communication
+    single = torch.ones(2, requires_grad=True)
+    assert gather_from_tower_pair(single, None) is single
+
+    # non-blocking pair with several exchanges in flight, waited out of order
+    p1 = mappings.start_gather(torch.full((1, 2), 1.0 + rank), pair, 1, "a")
+    p2 = mappings.start_reduce_scatter(torch.arange(4.0).reshape(1, 4) * (rank + 1), pair, 1, "b")
+    assert torch.equal(p2.wait(), torch.tensor([[0.0, 3.0]]) if rank == 0 else torch.tensor([[6.0, 9.0]]))
+    assert torch.equal(p1.wait(), torch.tensor([[1.0, 1.0, 2.0, 2.0]]))
+
+    # broadcast_from_tower0: the partner knows nothing about shapes or dtypes
+    images = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 4, 4, 3)
+    labels = torch.tensor([7, 3])
+    got = broadcast_from_tower0([images, labels] if rank == 0 else [], groups)
+    assert torch.equal(got[0], images) and got[0].dtype == torch.uint8 and torch.equal(got[1], labels)
+
+    sd = {"fc8.weight": torch.full((2, 3), float(rank)), "fc8.bias": torch.full((2,), 5.0 + rank)}
+    gathered = gather_tower_state_dicts(sd, groups)
+    if rank == 0:
+        merged = merge_state_dicts(gathered)
+        assert torch.equal(merged["fc8.bias"], torch.tensor([5.0, 5.0, 6.0, 6.0]))
+        assert torch.equal(merged["fc8.weight"][2:], torch.ones(2, 3))
+    else:
+        assert gathered is None
+
+    assert torch.equal(all_reduce_sum(torch.tensor([rank + 1.0]), dist.group.WORLD), torch.tensor([3.0]))
+
+    # a wait with a timeout names the op that never completed (rank 1 never sends)
+    flag = os.path.join(signal_dir, "timed-out")
+    if rank == 0:
+        pending = mappings.start_gather(torch.ones(3), pair, 0, "fc6 forward mb 0")
+        try:
+            pending.wait(timeout=0.3)
+            raise AssertionError("expected ExchangeTimeoutError")
+        except ExchangeTimeoutError as error:
+            assert "fc6 forward mb 0: recv from rank 1" in str(error), str(error)
+        finally:
+            open(flag, "w").close()
+    else:
+        deadline = time.time() + 30
+        while not os.path.exists(flag) and time.time() < deadline:
+            time.sleep(0.05)
+    # the timed-out pair connection is not reusable: exit without destroy_process_group
+
+
+def test_exchange_functions_exact_values(tmp_path):
+    _spawn(_functions_worker, 2, tmp_path, str(tmp_path))
+
+
+# ---- ground truth against the reference model -------------------------------------------------
+
+def _gathered_merged(named: dict, groups):
+    parts = gather_tower_state_dicts({k: v.detach() for k, v in named.items()}, groups)
+    return None if parts is None else merge_state_dicts(parts)
+
+
+def _equivalence_worker(rank, world, store, towers, replicas):
+    _init(rank, world, store)
+    groups = init_parallel_groups(Topology(towers, replicas))
+    torch.manual_seed(1234)
+    reference = AlexNet(**MODEL)  # identical on every rank
+    gen = torch.Generator().manual_seed(7)
+    size = MODEL["image_size"]
+    batches = [(torch.randn(GLOBAL_BATCH, 3, size, size, generator=gen),
+                torch.randint(0, MODEL["num_classes"], (GLOBAL_BATCH,), generator=gen)) for _ in range(3)]
+    per_replica = GLOBAL_BATCH // replicas
+    mine = slice(groups.replica * per_replica, (groups.replica + 1) * per_replica)
+    is_tower0 = groups.tower == 0
+
+    for microbatches, mode in ((1, "autograd"), (1, "pipelined"), (4, "pipelined")):
+        where = f"{towers}x{replicas} microbatches={microbatches} {mode} rank {rank}"
+        ref = copy.deepcopy(reference)
+        ref_opt = torch.optim.SGD(ref.parameters(), **SGD)
+        tower = Tower.from_reference(reference, groups.tower, towers)
+        model = TowerParallel(tower, groups, microbatches=microbatches)
+        opt = torch.optim.SGD(tower.parameters(), **SGD)
+        for step, (images, labels) in enumerate(batches):
+            ref_opt.zero_grad()
+            ref_logits = ref(images)
+            F.cross_entropy(ref_logits, labels).backward()
+            opt.zero_grad()
+            if mode == "autograd":
+                logits = model(images[mine])
+                loss = F.cross_entropy(logits, labels[mine])
+                loss.backward()
+            else:
+                loss, logits = model.forward_backward(images[mine], labels[mine])
+            model.sync_gradients()
+            _close(logits.detach(), ref_logits[mine].detach(), f"{where} step {step} logits")
+            _close(loss.detach(), F.cross_entropy(ref_logits[mine], labels[mine]).detach(), f"{where} loss")
+            if step == 0:
+                grads = _gathered_merged({n: p.grad for n, p in tower.named_parameters()}, groups)
+                if is_tower0:
+                    for name, param in ref.named_parameters():
+                        _close(grads[name], param.grad, f"{where} grad {name}")
+            ref_opt.step()
+            opt.step()
+        weights = _gathered_merged(dict(tower.named_parameters()), groups)
+        momenta = _gathered_merged({n: opt.state[p]["momentum_buffer"] for n, p in tower.named_parameters()}, groups)
+        if is_tower0:
+            for name, param in ref.named_parameters():
+                _close(weights[name], param.detach(), f"{where} weight {name} after 3 steps")
+                _close(momenta[name], ref_opt.state[param]["momentum_buffer"], f"{where} momentum {name}")
+                assert not torch.equal(param.detach(), reference.state_dict()[name]), f"{name} did not move"
+        stats = model.stats
+        assert stats["exchange_s"] >= 0 and stats["grad_sync_s"] >= 0
+        if towers == 1:
+            assert stats["exchange_s"] == 0.0
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("towers, replicas", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_towers_match_the_reference(tmp_path, towers, replicas):
+    _spawn(_equivalence_worker, towers * replicas, tmp_path, towers, replicas)
