@@ -132,8 +132,9 @@ def test_split_merge_round_trip_is_exact():
         split_state_dict(sd, 3)
 
 
-def test_tower_of_one_is_the_reference_and_two_needs_an_exchange():
-    model = AlexNet(**SMALL)
+@pytest.mark.parametrize("ablation", [{}, dict(activation="tanh", lrn=False, pool="plain")])
+def test_tower_of_one_is_the_reference_and_two_needs_an_exchange(ablation):
+    model = AlexNet(**SMALL, **ablation)
     whole = Tower.from_reference(model, 0, 1)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(whole(x), model(x), rtol=0, atol=0)

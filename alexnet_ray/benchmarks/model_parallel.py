@@ -1,0 +1,184 @@
+"""Reference AlexNet vs two towers vs two towers with micro-batches: one training step each.
+
+    python jobs/benchmark.py model-parallel [--quick] [--batch 64] [--steps N] [--microbatches 4]
+
+Full-size AlexNet, forward + backward + SGD step (momentum 0.9, weight decay 5e-4), synthetic data:
+the reference model in this process with 2 threads; 2 towers in 2 processes with 1 thread each over
+gloo; the same with micro-batches.  Prints a table and, last, one JSON object with the figures.
+
+Memory: bytes of parameters + optimizer state + tensors saved for backward (counted once per
+storage with torch.autograd.graph.saved_tensors_hooks) held by tower 0, against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ..model import AlexNet, Tower
+from ..parallel import Topology, TowerParallel, init_parallel_groups
+
+SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+@contextmanager
+def count_saved_bytes(totals: dict):
+    """Add the bytes of every distinct storage saved for backward to totals['saved']."""
+    seen: set[int] = set()
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            totals["saved"] = totals.get("saved", 0) + storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _state_bytes(params, optimizer) -> dict[str, int]:
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    opt_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v))
+    return {"params": param_bytes, "optimizer": opt_bytes}
+
+
+def _batch(batch: int, image_size: int, num_classes: int):
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 3, image_size, image_size, generator=gen),
+            torch.randint(0, num_classes, (batch,), generator=gen))
+
+
+def run_reference(args) -> dict:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = AlexNet(image_size=args.image_size, width=args.width).train()
+    opt = torch.optim.SGD(model.parameters(), **SGD)
+    images, labels = _batch(args.batch, args.image_size, 1000)
+    times, memory = [], {}
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        if step == 0:
+            with count_saved_bytes(memory):
+                loss = F.cross_entropy(model(images), labels)
+        else:
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    memory.update(_state_bytes(list(model.parameters()), opt))
+    return {"step_s": statistics.median(times), "memory": memory}
+
+
+def _tower_worker(rank: int, world: int, store: str, args, out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+    groups = init_parallel_groups(Topology(towers=2, replicas=1))
+    images, labels = _batch(args.batch, args.image_size, 1000)
+    results = {}
+    for microbatches in (1, args.microbatches):
+        torch.manual_seed(0)
+        tower = Tower(rank, 2, image_size=args.image_size, width=args.width).train()
+        model = TowerParallel(tower, groups, microbatches=microbatches)
+        opt = torch.optim.SGD(tower.parameters(), **SGD)
+        times, exchange, sync, memory = [], [], [], {}
+        for step in range(args.warmup + args.steps):
+            dist.barrier(group=groups.pair_group)
+            model.reset_stats()
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
+            if step == 0:
+                with count_saved_bytes(memory):
+                    model.forward_backward(images, labels)
+            else:
+                model.forward_backward(images, labels)
+            model.sync_gradients()
+            opt.step()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+                exchange.append(model.stats["exchange_s"])
+                sync.append(model.stats["grad_sync_s"])
+        memory.update(_state_bytes(list(tower.parameters()), opt))
+        results[microbatches] = {"step_s": statistics.median(times), "exchange_s": statistics.median(exchange),
+                                 "exchange_share": sum(exchange) / sum(times), "memory": memory}
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_towers(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "towers.json")
+        mp.spawn(_tower_worker, args=(2, os.path.join(tmp, "store"), args, out), nprocs=2, join=True)
+        with open(out) as f:
+            return {int(k): v for k, v in json.load(f).items()}
+
+
+def _total(memory: dict) -> int:
+    return memory["params"] + memory["optimizer"] + memory["saved"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark.py model-parallel", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps per layout")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per layout (default 10; 3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--width", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    Topology(2, 1).validate(batch_size=args.batch, microbatches=args.microbatches)
+
+    reference = run_reference(args)
+    towers = run_towers(args)
+    one, many = towers[1], towers[args.microbatches]
+    ref_s = reference["step_s"]
+    mib = 1 << 20
+    print(f"AlexNet width={args.width} image={args.image_size} batch={args.batch}, fwd+bwd+SGD, "
+          f"median of {args.steps} steps ({args.warmup} warm-up), CPU, gloo")
+    print(f"{'layout':<40}{'step s':>9}{'x ref':>8}{'exchange':>10}")
+    print(f"{'reference, 1 process, 2 threads':<40}{ref_s:>9.3f}{1.0:>8.2f}{'-':>10}")
+    print(f"{'2 towers, 2 processes x 1 thread':<40}{one['step_s']:>9.3f}{one['step_s'] / ref_s:>8.2f}"
+          f"{one['exchange_share']:>9.1%}")
+    print(f"{f'2 towers, {args.microbatches} micro-batches':<40}{many['step_s']:>9.3f}"
+          f"{many['step_s'] / ref_s:>8.2f}{many['exchange_share']:>9.1%}")
+    print(f"{'memory (MiB)':<40}{'params':>9}{'optim':>8}{'saved':>10}{'total':>9}")
+    for name, mem in (("reference", reference["memory"]), ("tower 0", one["memory"]),
+                      (f"tower 0, {args.microbatches} micro-batches", many["memory"])):
+        print(f"{name:<40}{mem['params'] / mib:>9.1f}{mem['optimizer'] / mib:>8.1f}{mem['saved'] / mib:>10.1f}"
+              f"{_total(mem) / mib:>9.1f}")
+    figures = {
+        "reference_step_s": round(ref_s, 4),
+        "towers_step_s": round(one["step_s"], 4),
+        "towers_microbatch_step_s": round(many["step_s"], 4),
+        "towers_ratio": round(one["step_s"] / ref_s, 3),
+        "microbatch_ratio": round(many["step_s"] / ref_s, 3),
+        "exchange_share": round(one["exchange_share"], 4),
+        "microbatch_exchange_share": round(many["exchange_share"], 4),
+        "tower_memory_ratio": round(_total(one["memory"]) / _total(reference["memory"]), 3),
+        "reference_memory_bytes": _total(reference["memory"]),
+        "tower_memory_bytes": _total(one["memory"]),
+        "batch": args.batch, "microbatches": args.microbatches, "steps": args.steps, "quick": args.quick,
+    }
+    print(json.dumps(figures))
+    return 0
