@@ -1,0 +1,113 @@
+"""Augmentation over a batch of stored JPEGs, in numpy, on Ray Data CPU workers.
+
+Training (paper §4.1): random image_size crop, horizontal flip, PCA lighting. Every random number
+comes from a counter-based hash of (seed, epoch, row id), so the same row gets the same
+augmentation in the same epoch whichever worker, task or batch it lands in. Images stay uint8;
+the lighting offset travels as float32 (N, 3) on the [0,1] scale and is added on the device
+(alexnet_ray.train.device_batch.to_model_input) together with mean/std normalisation.
+Evaluation: the centre crop, or the paper's ten crops (4 corners + centre, then their mirrors).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+LIGHTING_STD = 0.1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def row_uniforms(seed: int, epoch: int, row_ids: np.ndarray, count: int) -> np.ndarray:
+    """(N, count) uniforms in [0, 1), a pure function of (seed, epoch, row id)."""
+    key = _mix(np.array([seed & (2**64 - 1)], dtype=np.uint64))
+    key = _mix(key ^ np.uint64(epoch & (2**64 - 1)))
+    rows = _mix(np.asarray(row_ids, dtype=np.uint64) ^ key)
+    with np.errstate(over="ignore"):
+        streams = _mix(rows[:, None] + np.arange(1, count + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+    return (streams >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def train_params(seed: int, epoch: int, row_ids: np.ndarray, stored_size: int, image_size: int):
+    """Per-row crop offsets (y, x), flip flags and lighting alphas ~ N(0, LIGHTING_STD)."""
+    if not 0 < image_size <= stored_size:
+        raise ValueError(f"image_size={image_size} must be between 1 and the stored size {stored_size}")
+    u = row_uniforms(seed, epoch, row_ids, 7)
+    span = stored_size - image_size + 1
+    ys = np.minimum((u[:, 0] * span).astype(np.int64), span - 1)
+    xs = np.minimum((u[:, 1] * span).astype(np.int64), span - 1)
+    flips = u[:, 2] < 0.5
+    # Box-Muller: two pairs of uniforms -> four normals, keep three.
+    radius = np.sqrt(-2.0 * np.log1p(-u[:, 3:5]))
+    angle = 2.0 * np.pi * u[:, 5:7]
+    normals = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :3]
+    return ys, xs, flips, normals * LIGHTING_STD
+
+
+def lighting_offsets(alphas: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray) -> np.ndarray:
+    """offset_i = eigvec @ (alpha_i * eigval): (N, 3) float32 RGB offsets on the [0,1] scale."""
+    return ((alphas * np.asarray(eigval)[None, :]) @ np.asarray(eigvec).T).astype(np.float32)
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpeg)) as image:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def augment_train(
+    jpegs, row_ids: np.ndarray, *, seed: int, epoch: int, image_size: int,
+    eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode each JPEG once, crop and flip into one uint8 (N, s, s, 3) array; lighting (N, 3)."""
+    n = len(jpegs)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    if n == 0:
+        return images, np.zeros((0, 3), np.float32)
+    first = decode(jpegs[0])
+    ys, xs, flips, alphas = train_params(seed, epoch, row_ids, first.shape[0], image_size)
+    for i in range(n):
+        pixels = first if i == 0 else decode(jpegs[i])
+        crop = pixels[ys[i]: ys[i] + image_size, xs[i]: xs[i] + image_size]
+        images[i] = crop[:, ::-1] if flips[i] else crop
+    if pca_lighting:
+        lighting = lighting_offsets(alphas, eigval, eigvec)
+    else:
+        lighting = np.zeros((n, 3), np.float32)
+    return images, lighting
+
+
+def ten_crop_offsets(stored_size: int, image_size: int) -> list[tuple[int, int]]:
+    """(y, x) of the four corners and the centre; crops 5-9 are the mirrors of crops 0-4."""
+    far, mid = stored_size - image_size, (stored_size - image_size) // 2
+    return [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+
+
+def augment_eval(jpegs, *, image_size: int, ten_crop: bool = False) -> np.ndarray:
+    """Centre crops (N, s, s, 3), or ten crops (N, 10, s, s, 3), uint8."""
+    n = len(jpegs)
+    shape = (n, 10, image_size, image_size, 3) if ten_crop else (n, image_size, image_size, 3)
+    images = np.empty(shape, dtype=np.uint8)
+    for i in range(n):
+        pixels = decode(jpegs[i])
+        offsets = ten_crop_offsets(pixels.shape[0], image_size)
+        if ten_crop:
+            for k, (y, x) in enumerate(offsets):
+                crop = pixels[y: y + image_size, x: x + image_size]
+                images[i, k] = crop
+                images[i, k + 5] = crop[:, ::-1]
+        else:
+            y, x = offsets[4]
+            images[i] = pixels[y: y + image_size, x: x + image_size]
+    return images

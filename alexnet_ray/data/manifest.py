@@ -1,0 +1,72 @@
+"""OUT/manifest.json of a prepared dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    """classes[label] = name; splits[split] = {"images", "found", "shards": [{"file", "rows",
+    "row_groups": [rows, ...]}]}; mean/std per RGB channel and pca {"eigval", "eigvec"} (columns
+    are eigenvectors, eigenvalues descending) of the training split on [0,1]-scaled pixels."""
+
+    classes: list[str]
+    splits: dict[str, dict]
+    size: int
+    mean: list[float]
+    std: list[float]
+    pca: dict[str, list]
+    skipped: list[dict] = field(default_factory=list)
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+    root: Path | None = None  # the folder the manifest was loaded from (not stored)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def eigval(self) -> np.ndarray:
+        return np.asarray(self.pca["eigval"], dtype=np.float32)
+
+    def eigvec(self) -> np.ndarray:
+        return np.asarray(self.pca["eigvec"], dtype=np.float32)
+
+    def shard_paths(self, split: str) -> list[Path]:
+        if split not in self.splits:
+            raise ValueError(f"{self.root}: no split {split!r} (has {sorted(self.splits)})")
+        return [Path(self.root or ".") / s["file"] for s in self.splits[split]["shards"]]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("root")
+        return data
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load from a prepared dataset folder or its manifest.json."""
+    path = Path(path)
+    file = path / MANIFEST_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path} is not a prepared dataset (no {MANIFEST_NAME}); run jobs/prepare.py")
+    try:
+        data = json.loads(file.read_text())
+        manifest = Manifest(**data)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"{file} is not a valid manifest: {error}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {manifest.format_version}, expected {FORMAT_VERSION}")
+    manifest.root = file.parent
+    return manifest

@@ -1,0 +1,73 @@
+"""Random access to the rows of a split's shards by global row id (shard order, then row order).
+
+The unit of reading is one Parquet row group; a row id maps to (shard, row group, offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from alexnet_ray.data.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Row groups of one split: unit u lives in files[unit_file[u]], row group unit_group[u],
+    and holds global rows unit_start[u] .. unit_start[u] + unit_rows[u] - 1."""
+
+    files: tuple[str, ...]
+    unit_file: np.ndarray
+    unit_group: np.ndarray
+    unit_start: np.ndarray
+    unit_rows: np.ndarray
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, split: str) -> "ShardIndex":
+        paths = manifest.shard_paths(split)
+        unit_file, unit_group, unit_rows = [], [], []
+        for f, shard in enumerate(manifest.splits[split]["shards"]):
+            for g, rows in enumerate(shard["row_groups"]):
+                unit_file.append(f)
+                unit_group.append(g)
+                unit_rows.append(rows)
+        rows = np.asarray(unit_rows, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+        return cls(tuple(str(p.resolve()) for p in paths), np.asarray(unit_file, np.int64),
+                   np.asarray(unit_group, np.int64), starts, rows)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.unit_rows.sum())
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_rows)
+
+    def unit_of(self, row_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.unit_start, row_ids, side="right") - 1
+
+    def read(self, row_ids: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """JPEG bytes and labels of `row_ids`, in that order; each needed row group is read once."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        units = self.unit_of(row_ids)
+        jpegs: list = [None] * len(row_ids)
+        labels = np.empty(len(row_ids), dtype=np.int64)
+        open_files: dict[int, pq.ParquetFile] = {}
+        for unit in np.unique(units):
+            f = int(self.unit_file[unit])
+            if f not in open_files:
+                open_files[f] = pq.ParquetFile(self.files[f])
+            table = open_files[f].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"])
+            where = np.nonzero(units == unit)[0]
+            offsets = row_ids[where] - self.unit_start[unit]
+            values = table.column("jpeg").to_pylist()
+            unit_labels = table.column("label").to_numpy()
+            for i, offset in zip(where, offsets):
+                jpegs[i] = values[offset]
+            labels[where] = unit_labels[offsets]
+        for file in open_files.values():
+            file.close()
+        return jpegs, labels

@@ -1,0 +1,39 @@
+"""`ray job submit` against a head started with `ray start --head` and token auth, as the README shows.
+
+Needs the dashboard (`ray[default]`); skipped with the reason when it is not installed.
+"""
+
+import importlib.util
+
+import pytest
+
+import ray_head
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(m) is None for m in ("aiohttp", "aiohttp_cors", "grpc", "opencensus")),
+        reason="`ray job submit` needs the Ray dashboard: pip install 'ray[default]'",
+    ),
+]
+
+
+def test_job_submit_with_token_auth_and_stop_by_pid():
+    head = ray_head.start_head(num_cpus=4)
+    try:
+        # token auth is on: the jobs API refuses a client without the token
+        status, _ = ray_head.dashboard_get(head, "/api/jobs/", token=False)
+        assert status == 401
+
+        result = ray_head.submit_and_wait(head)
+        assert result["returncode"] == 0, result["submit_output"][-3000:]
+        assert result["status"] == "SUCCEEDED", result
+        printed = ray_head.last_json_line(result["logs"])
+        assert printed["preset"] == "tiny" and printed["num_workers"] == 2 and printed["width"] == 0.125
+        # the job imported this package from its uploaded working_dir, not from the test's PYTHONPATH
+        assert "runtime_resources/working_dir_files" in printed["package"]
+        assert printed["auth_mode"] == "token"
+    finally:
+        left = ray_head.stop_head(head)
+    assert left == {}, f"Ray processes of this head still alive: {left}"
+    assert not ray_head._session_pids(head), "processes naming the head's temp dir remain"
