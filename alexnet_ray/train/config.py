@@ -97,6 +97,7 @@ class RunConfig:
     max_failures: int = 0  # -1 = retry forever
     checkpoint_keep: int = 2
     progress_interval_s: float = 5.0
+    resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
 
 
 SECTIONS: dict[str, type] = {
@@ -479,6 +480,10 @@ def _validate_numbers(config: Config) -> None:
     _require(r.checkpoint_keep >= 1, f"run.checkpoint_keep={r.checkpoint_keep}: must be >= 1")
     _require(r.progress_interval_s > 0, f"run.progress_interval_s={r.progress_interval_s}: must be > 0")
     _require(bool(r.storage), "run.storage: must name a directory or bucket URI")
+    _require(
+        r.resume_from is None or _is_uri(r.resume_from) or Path(r.resume_from).expanduser().exists(),
+        f"run.resume_from={r.resume_from}: no such checkpoint",
+    )
     _require(
         r.name is None or (r.name and "/" not in r.name and r.name not in (".", "..")),
         f"run.name={r.name!r}: must be a plain directory name (no '/')",

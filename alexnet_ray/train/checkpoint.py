@@ -1,0 +1,112 @@
+"""The one portable checkpoint format.
+
+A checkpoint is a directory holding `checkpoint.pt` and `checkpoint.sha256`. The `.pt` file is a
+plain dict of tensors and plain data, readable with `torch.load(..., weights_only=True)` and no Ray:
+
+    model        the merged reference state dict (`AlexNet(**model_kwargs).load_state_dict` works)
+    optimizer    {"momentum_buffer": merged name-keyed dict, "lr": float}
+    epoch        epochs completed; training resumes at this epoch index
+    scheduler    the LR schedule's state_dict()
+    data_state   {"seed": int, "epoch": int}: the data order resumes from it
+    config       Config.to_dict() of the run that wrote it
+    metrics      the epoch's metrics
+    classes      class names, index = label
+    preprocessing  {"stored_size", "image_size", "mean", "std"}
+
+Files are written to a temporary name and renamed, and the checksum is written last, so a crash
+never leaves a checkpoint that passes verification but is incomplete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "alexnet-ray/1"
+WEIGHTS_FILE = "checkpoint.pt"
+CHECKSUM_FILE = "checkpoint.sha256"
+REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or not in this project's format."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write `state` (see the module docstring) into `directory`; returns the weights file path."""
+    missing = [k for k in REQUIRED_KEYS if k != "format" and k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint state lacks {missing}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    _write_atomic(weights, lambda f: torch.save({"format": FORMAT, **state}, f))
+    checksum = _sha256(weights)
+    _write_atomic(directory / CHECKSUM_FILE, lambda f: f.write(f"{checksum}  {WEIGHTS_FILE}\n".encode()))
+    return weights
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The weights file of a checkpoint given as its directory or the file itself."""
+    path = Path(path)
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Path:
+    """Raise CheckpointError unless the checkpoint exists and matches its checksum."""
+    weights = checkpoint_file(path)
+    if not weights.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: {weights.name} not found")
+    checksum_path = weights.with_name(CHECKSUM_FILE)
+    if not checksum_path.is_file():
+        raise CheckpointError(f"checkpoint {weights} has no {CHECKSUM_FILE}: incomplete write?")
+    expected = checksum_path.read_text().split()[0] if checksum_path.read_text().strip() else ""
+    actual = _sha256(weights)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {weights} is corrupt: sha256 {actual[:12]}… != recorded {expected[:12]}…")
+    return weights
+
+
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint as tensors and plain data only (weights_only=True: no code is unpickled)."""
+    weights = verify_checkpoint(path) if verify else checkpoint_file(path)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as e:  # pickle errors, refused globals, truncated zip archives
+        raise CheckpointError(f"cannot read checkpoint {weights}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{weights} is not an alexnet-ray checkpoint (format {FORMAT!r} expected)")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {weights} lacks {missing}")
+    return state
+
+
+def describe(state: dict[str, Any]) -> str:
+    """One line for logs: epoch and the metrics it was saved with."""
+    metrics = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    return f"epoch {state['epoch']} " + json.dumps(metrics, sort_keys=True)

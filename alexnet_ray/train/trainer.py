@@ -1,0 +1,133 @@
+"""`Trainer(config).fit()`: the training service's Python entry point, on Ray Train V2.
+
+    from alexnet_ray import Trainer
+    from alexnet_ray.train.config import load_config
+
+    result = Trainer(load_config("demo")).fit()
+    print(result.metrics["val_top1_error"], result.checkpoint.path)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from alexnet_ray.train.config import Config, copy_config, validate_config
+from alexnet_ray.train.metrics import write_metrics_file
+from alexnet_ray.train.worker import train_worker
+
+DEFAULT_STORAGE = Path("~/alexnet-ray-runs").expanduser()
+DEMO_CACHE = Path(os.environ.get("ALEXNET_RAY_CACHE", "~/.cache/alexnet-ray")).expanduser()
+
+
+class MetricsFiles(UserCallback):
+    """On the controller: one metrics/epoch_NNNN.json per epoch in the run directory."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "epoch" in metrics[0]:
+            write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), metrics[0])
+
+
+def demo_dataset_dir(image_size: int, cache: Path = DEMO_CACHE, seed: int = 0) -> Path:
+    """The embedded demo dataset, generated and prepared once into the cache, stored at the size
+    that random `image_size` crops come from (the paper's 224-from-256 ratio)."""
+    from alexnet_ray.data.demo import write_demo_dataset
+    from alexnet_ray.data.manifest import load_manifest
+    from alexnet_ray.data.prepare import prepare_dataset
+
+    stored = round(image_size * 256 / 224)
+    prepared = cache / f"demo-seed{seed}-{stored}px"
+    try:
+        load_manifest(prepared)
+        return prepared
+    except ValueError:
+        pass
+    raw = write_demo_dataset(cache / f"demo-seed{seed}-raw", seed=seed)
+    prepare_dataset(raw, prepared, layout="folder", size=stored, overwrite=True)
+    return prepared
+
+
+class Trainer:
+    """Trains the configured AlexNet with one Ray Train worker per tower per replica."""
+
+    def __init__(self, config: Config, *, address: str | None = None):
+        self.config = config
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        validate_config(config, check_data=False)  # fail before any Ray work
+
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address)
+            return
+        # Local cluster: logical CPUs beyond the cores, so Ray Data tasks run beside the workers.
+        p = self.config.parallel
+        needed = p.towers * p.replicas * self.cpus_per_worker + 2
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed) + 2, include_dashboard=False)
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return float(self.config.parallel.cpus_per_worker)
+
+    def _use_gpu(self) -> bool:
+        choice = self.config.parallel.use_gpu
+        if choice == "auto":
+            return ray.cluster_resources().get("GPU", 0) > 0
+        return choice == "true"
+
+    def _resolve_data(self) -> Config:
+        """The config with data.path set: the given dataset, or the embedded demo prepared once."""
+        config = copy_config(self.config)
+        if config.data.path is None:
+            config.data.path = str(demo_dataset_dir(config.model.image_size))
+        elif "://" not in config.data.path:
+            config.data.path = str(Path(config.data.path).expanduser().resolve())
+        return config
+
+    def run_name(self) -> str:
+        return self.config.run.name or time.strftime("alexnet-%Y%m%d-%H%M%S")
+
+    def storage_path(self) -> str:
+        storage = self.config.run.storage or str(DEFAULT_STORAGE)
+        return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+    def fit(self) -> ray.train.Result:
+        self._connect()
+        config = self._resolve_data()
+        validate_config(config, cluster_resources=ray.cluster_resources(), check_data=True)
+        p, run = config.parallel, config.run
+        use_gpu = self._use_gpu()
+        name, storage = self.run_name(), self.storage_path()
+        run_dir = f"{storage.rstrip('/')}/{name}"
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": config.to_dict(),
+                "base_lr": config.effective_lr(),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=p.towers * p.replicas,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                placement_strategy="PACK",  # tower pairs (adjacent ranks) share a node
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(p.exchange_timeout_s)),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
+                callbacks=[MetricsFiles(run_dir)],
+            ),
+        )
+        return trainer.fit()

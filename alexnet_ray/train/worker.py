@@ -1,0 +1,264 @@
+"""The per-worker training loop: one Ray Train worker owns one tower of one replica.
+
+`train_worker(loop_config)` is a plain, importable function; `Trainer.fit()` hands it to Ray Train's
+TorchTrainer, and tests can run it under a small local Ray cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+import time
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import ray.train
+import ray.train.torch
+
+from alexnet_ray.data.manifest import load_manifest
+from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
+from alexnet_ray.model import AlexNet, Tower, merge_state_dicts, split_state_dict
+from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
+from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
+from alexnet_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from alexnet_ray.train.config import Config
+from alexnet_ray.train.device_batch import to_model_input
+from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
+from alexnet_ray.train.schedule import make_lr_schedule
+
+
+@dataclasses.dataclass
+class WorkerState:
+    config: Config
+    groups: Any
+    device: torch.device
+    model: TowerParallel
+    optimizer: torch.optim.SGD
+    schedule: Any
+    start_epoch: int
+
+
+def model_kwargs(config: Config) -> dict:
+    return dataclasses.asdict(config.model)
+
+
+def _set_determinism(config: Config, cpus: float) -> None:
+    torch.set_num_threads(max(1, int(cpus)))
+    if config.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _initial_weights(config: Config) -> dict:
+    """The reference model's initial weights, identical on every rank (same seed)."""
+    torch.manual_seed(config.run.seed)
+    return AlexNet(**model_kwargs(config)).state_dict()
+
+
+def _momentum_by_name(tower: torch.nn.Module, optimizer: torch.optim.SGD) -> dict:
+    buffers = {}
+    for name, param in tower.named_parameters():
+        buf = optimizer.state.get(param, {}).get("momentum_buffer")
+        if buf is not None:
+            buffers[name] = buf.detach().cpu()
+    return buffers
+
+
+def _load_momentum(tower: torch.nn.Module, optimizer: torch.optim.SGD, buffers: dict) -> None:
+    for name, param in tower.named_parameters():
+        if name in buffers:
+            optimizer.state[param]["momentum_buffer"] = buffers[name].to(param.device, param.dtype).clone()
+
+
+def _load_resume_state(config: Config) -> dict | None:
+    """Ray's latest checkpoint (after a worker failure, or a re-run of the same name), else an
+    explicit `run.resume_from` checkpoint (which may come from another layout), else None."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as directory:
+            return load_checkpoint(directory)
+    if config.run.resume_from:
+        return load_checkpoint(config.run.resume_from)
+    return None
+
+
+def setup_worker(loop_config: dict) -> WorkerState:
+    config = Config.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    topology = Topology(config.parallel.towers, config.parallel.replicas)
+    if ctx.get_world_size() != topology.world_size:
+        raise ValueError(f"world size {ctx.get_world_size()} != towers x replicas = {topology.world_size}")
+    _set_determinism(config, config.parallel.cpus_per_worker)
+    groups = init_parallel_groups(topology)
+    device = ray.train.torch.get_device()
+
+    state = _load_resume_state(config)
+    full = state["model"] if state is not None else _initial_weights(config)
+    tower = Tower(groups.tower, topology.towers, **model_kwargs(config))
+    tower.load_state_dict(split_state_dict(full, topology.towers)[groups.tower])
+    tower.to(device)
+    if device.type == "cuda":
+        tower.to(memory_format=torch.channels_last)
+    model = TowerParallel(tower, groups, microbatches=config.parallel.microbatches,
+                          exchange_timeout=config.parallel.exchange_timeout_s)
+    opt = config.optimizer
+    optimizer = torch.optim.SGD(
+        tower.parameters(), lr=loop_config["base_lr"], momentum=opt.momentum, weight_decay=opt.weight_decay
+    )
+    schedule = make_lr_schedule(config.schedule, loop_config["base_lr"], config.run.epochs)
+    start_epoch = 0
+    if state is not None:
+        momentum = state["optimizer"].get("momentum_buffer") or {}
+        if momentum:
+            _load_momentum(tower, optimizer, split_state_dict(momentum, topology.towers)[groups.tower])
+        if state.get("scheduler"):
+            schedule.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+    return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch)
+
+
+def _replica_batches(source: Iterator[dict] | None, groups, device) -> Iterator[list[torch.Tensor]]:
+    """Tower 0 of each replica reads the batch; its partner receives the identical batch over the
+    pair group. An empty broadcast marks the end of the stream."""
+    while True:
+        tensors = []
+        if groups.tower == 0:
+            batch = next(source, None)
+            if batch is not None:
+                lighting = batch.get("lighting")
+                tensors = [torch.as_tensor(batch["images"]).to(device), torch.as_tensor(batch["labels"]).to(device),
+                           torch.as_tensor(lighting if lighting is not None else []).to(device)]
+        received = broadcast_from_tower0(tensors, groups)
+        if not received:
+            return
+        yield received
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    w = setup_worker(loop_config)
+    config, groups, device = w.config, w.groups, w.device
+    manifest = load_manifest(config.data.path)
+    mean, std = manifest.mean, manifest.std
+    rank = ray.train.get_context().get_world_rank()
+    batch_size = config.data.batch_size
+    train_loader = TrainLoader(
+        config.data.path, batch_size=batch_size, replicas=config.parallel.replicas,
+        image_size=config.model.image_size, seed=config.run.seed, pca_lighting=config.data.pca_lighting,
+        prefetch_batches=config.data.prefetch_batches,
+    )
+    progress = Progress(config.run.epochs, train_loader.batches_per_epoch, config.run.progress_interval_s, rank == 0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    for epoch in range(w.start_epoch, config.run.epochs):
+        lr = w.schedule.lr(epoch)
+        for group in w.optimizer.param_groups:
+            group["lr"] = lr
+        w.model.train()
+        w.model.reset_stats()
+        meter = EpochMeter()
+        source = train_loader.iter_epoch(epoch, groups.replica) if groups.tower == 0 else None
+        batches = _replica_batches(source, groups, device)
+        step = 0
+        while True:
+            t0 = time.perf_counter()
+            item = next(batches, None)
+            t1 = time.perf_counter()
+            meter.data_s += t1 - t0
+            if item is None:
+                break
+            images, labels, lighting = item
+            x = to_model_input(images, lighting if lighting.numel() else None, mean, std, device,
+                               channels_last=device.type == "cuda")
+            with autocast:
+                loss, logits = w.model.forward_backward(x, labels)
+            w.model.sync_gradients()
+            w.optimizer.step()
+            w.optimizer.zero_grad(set_to_none=True)
+            meter.compute_s += time.perf_counter() - t1
+            meter.add_batch(float(loss), logits.float(), labels)
+            step += 1
+            progress.update(epoch, step, meter.loss_sum / max(1, meter.images), meter.images * config.parallel.replicas,
+                            time.perf_counter() - meter.started)
+        stats = w.model.stats
+        meter.exchange_s, meter.grad_sync_s = stats["exchange_s"], stats["grad_sync_s"]
+        elapsed = time.perf_counter() - meter.started
+        train = error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group).cpu())
+
+        final = epoch == config.run.epochs - 1
+        ten_crop = final and config.data.ten_crop_final_eval
+        val = evaluate(w.model, config.data.path, config, groups, device, mean, std, ten_crop=ten_crop)
+        w.schedule.observe(val["top1_error"])
+
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train["loss"],
+            "train_top1_error": train["top1_error"],
+            "train_top5_error": train["top5_error"],
+            "val_loss": val["loss"],
+            "val_top1_error": val["top1_error"],
+            "val_top5_error": val["top5_error"],
+            "val_images": val["images"],
+            "val_ten_crop": ten_crop,
+            "images_per_s": train["images"] / elapsed if elapsed > 0 else 0.0,
+            "lr": lr,
+            "epoch_s": elapsed,
+            **time_shares(meter),
+        }
+        _report(w, epoch, metrics, manifest, rank)
+
+
+def evaluate(model: TowerParallel, data_dir: str, config: Config, groups, device, mean, std, *, ten_crop: bool) -> dict:
+    """Top-1/top-5 error on the validation split; every image counted exactly once across replicas."""
+    model.eval()
+    loader = EvalLoader(data_dir, batch_size=config.data.eval_batch_size or config.data.batch_size,
+                        replicas=config.parallel.replicas, image_size=config.model.image_size, ten_crop=ten_crop,
+                        prefetch_batches=config.data.prefetch_batches)
+    meter = EpochMeter()
+    source = loader.iter(groups.replica) if groups.tower == 0 else None
+    with torch.no_grad():
+        for images, labels, _ in _replica_batches(source, groups, device):
+            if ten_crop:
+                n, crops = images.shape[:2]
+                x = to_model_input(images.flatten(0, 1), None, mean, std, device)
+                probs = F.softmax(model(x).float(), dim=-1).view(n, crops, -1).mean(dim=1)
+                loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels)
+                logits = probs
+            else:
+                logits = model(to_model_input(images, None, mean, std, device)).float()
+                loss = F.cross_entropy(logits, labels)
+            meter.add_batch(float(loss), logits, labels)
+    return error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group).cpu())
+
+
+def _report(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> None:
+    """Every worker reports (Ray's barrier); replica 0's tower 0 assembles and writes the checkpoint."""
+    tower = w.model.tower
+    if w.groups.replica != 0:  # replicas hold identical weights; replica 0's pair assembles them
+        ray.train.report(metrics, checkpoint=None)
+        return
+    weights = gather_tower_state_dicts({k: v.detach().cpu() for k, v in tower.state_dict().items()}, w.groups)
+    momentum = gather_tower_state_dicts(_momentum_by_name(tower, w.optimizer), w.groups)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = {
+        "model": merge_state_dicts(weights),
+        "optimizer": {"momentum_buffer": merge_state_dicts(momentum) if momentum[0] else {},
+                      "lr": metrics["lr"]},
+        "epoch": epoch + 1,
+        "scheduler": w.schedule.state_dict(),
+        "data_state": {"seed": w.config.run.seed, "epoch": epoch + 1},
+        "config": w.config.to_dict(),
+        "metrics": metrics,
+        "classes": list(manifest.classes),
+        "preprocessing": {"stored_size": manifest.size, "image_size": w.config.model.image_size,
+                          "mean": list(manifest.mean), "std": list(manifest.std)},
+    }
+    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+        save_checkpoint(tmp, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
