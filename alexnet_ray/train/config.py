@@ -182,7 +182,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"batch_size": 32, "ten_crop_final_eval": False},
         "optimizer": {"lr": 0.02},
         "schedule": {"kind": "cosine", "warmup_epochs": 1},
-        "parallel": {"use_gpu": "auto"},
+        "parallel": {"use_gpu": "auto", "cpus_per_worker": 0.5},  # leaves CPU slots for Ray Data
         "run": {"epochs": 8, "progress_interval_s": 5.0},
     },
     # For tests: the smallest network that still learns, deterministic, on CPU.
