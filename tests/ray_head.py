@@ -22,8 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
-# The job run by the submission test; the lead switches it to ["jobs/train.py", "--preset", "tiny"].
-JOB_ENTRYPOINT = ["tests/fixtures/job_config_probe.py"]
+PROBE_ENTRYPOINT = ["tests/fixtures/job_config_probe.py"]
+# The job run by the submission test; switch to ["jobs/train.py", "--preset", "tiny"] once the Trainer exists.
+JOB_ENTRYPOINT = PROBE_ENTRYPOINT
 
 
 def free_port() -> int:

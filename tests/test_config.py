@@ -176,3 +176,20 @@ def test_programmatic_wrong_type_is_caught():
         validate_config(c)
     with pytest.raises(ConfigError, match="run.epochs must be an integer, got True"):
         Config.from_dict({"run": {"epochs": True}})
+
+
+def test_command_line_options(tmp_path):
+    import argparse
+
+    from alexnet_ray.train.config import add_config_arguments, config_from_args
+
+    parser = add_config_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--preset", "tiny", "--set", "run.epochs=9", "--set", "model.lrn=false", "--epochs", "3",
+         "--storage", str(tmp_path), "--name", "r1"]
+    )
+    c = config_from_args(args)
+    assert (c.run.epochs, c.model.lrn, c.run.storage, c.run.name) == (3, False, str(tmp_path), "r1")
+    assert config_from_args(parser.parse_args([])) == load_config("demo")
+    with pytest.raises(ConfigError, match="data.path=.*nowhere: directory does not exist"):
+        config_from_args(parser.parse_args(["--preset", "tiny", "--data", str(tmp_path / "nowhere")]))

@@ -7,7 +7,7 @@ message naming the field (or file) before any worker starts.
 
 from __future__ import annotations
 
-import copy
+import argparse
 import dataclasses
 import difflib
 import json
@@ -183,7 +183,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"batch_size": 32, "ten_crop_final_eval": False},
         "optimizer": {"lr": 0.02},
         "schedule": {"kind": "cosine", "warmup_epochs": 1},
-        "parallel": {"use_gpu": "auto"},
+        "parallel": {"use_gpu": "auto", "cpus_per_worker": 0.5},  # leaves CPU slots for Ray Data
         "run": {"epochs": 8, "progress_interval_s": 5.0},
     },
     # For tests: the smallest network that still learns, deterministic, on CPU.
@@ -255,6 +255,30 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         value = _parse_text(raw.strip(), field_type, f"{section}.{key}")
         setattr(getattr(config, section), key, value)
     return config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The configuration options every job shares: --preset, --config, --set, and shortcuts."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", choices=sorted(PRESETS), help="base preset (default: demo, or the file's preset:)")
+    group.add_argument("--config", metavar="FILE", help="YAML file with sections model, data, optimizer, schedule, parallel, run")
+    group.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                       help="override one field, e.g. --set model.width=0.25 (repeatable)")
+    group.add_argument("--data", metavar="DIR", help="a prepared dataset (data.path); default: the embedded demo dataset")
+    group.add_argument("--epochs", type=int, help="run.epochs")
+    group.add_argument("--storage", metavar="PATH", help="run.storage: local/NFS path or s3:// / gs:// URI")
+    group.add_argument("--name", help="run.name: the same name under the same storage resumes")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, *, validate: bool = True) -> Config:
+    """Config from add_config_arguments' options; the shortcut flags win over --set."""
+    overrides = list(args.overrides or [])
+    for flag, name in (("data", "data.path"), ("epochs", "run.epochs"), ("storage", "run.storage"), ("name", "run.name")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{name}={value}")
+    return load_config(args.preset, args.config, overrides, validate=validate)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -551,7 +575,3 @@ def _validate_resources(config: Config, resources: Mapping[str, float]) -> None:
             f"parallel.towers x parallel.replicas = {p.towers} x {p.replicas} = {workers} workers "
             f"x parallel.cpus_per_worker={p.cpus_per_worker:g} need {need:g} CPUs; the Ray cluster has {cpus:g}",
         )
-
-
-def copy_config(config: Config) -> Config:
-    return copy.deepcopy(config)
