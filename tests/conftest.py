@@ -39,3 +39,36 @@ def pytest_sessionfinish(session, exitstatus):
         return
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(tmp_path_factory):
+    """The embedded demo dataset (10 classes), prepared once per session at 73 px for 64-px crops."""
+    from alexnet_ray.data.demo import write_demo_dataset
+    from alexnet_ray.data.prepare import prepare_dataset
+
+    _start_ray()
+    root = tmp_path_factory.mktemp("demo")
+    raw = write_demo_dataset(root / "raw", seed=0)
+    prepare_dataset(raw, root / "prepared", layout="folder", size=73)
+    return root / "prepared"
+
+
+def tiny_config(data_path, storage, *overrides: str):
+    """The `tiny` preset on a prepared dataset, with runs under `storage`."""
+    from alexnet_ray.train.config import load_config
+
+    return load_config(
+        "tiny", overrides=[f"data.path={data_path}", f"run.storage={storage}", *overrides]
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prepared_demo, tmp_path_factory):
+    """One finished 2-tower tiny run (2 epochs): its ray.train.Result. Shared by the tests that only
+    need a real checkpoint and metrics (evaluation, export, visualisation)."""
+    from alexnet_ray.train.trainer import Trainer
+
+    _start_ray()
+    storage = tmp_path_factory.mktemp("runs")
+    return Trainer(tiny_config(prepared_demo, storage, "run.name=shared-tiny")).fit()
