@@ -64,7 +64,7 @@ def test_scaled_lr():
     assert scaled_lr(0.01, "linear", 4) == pytest.approx(0.04)
     assert scaled_lr(0.01, "sqrt", 4) == pytest.approx(0.02)
     assert scaled_lr(0.01, "linear", 8, base_replicas=2) == pytest.approx(0.04)
-    c = load_config("tiny", overrides=["optimizer.lr_scaling=sqrt", "parallel.replicas=2"])
+    c = load_config("tiny", overrides=["optimizer.lr=0.02", "optimizer.lr_scaling=sqrt", "parallel.replicas=2"])
     assert c.effective_lr() == pytest.approx(0.02 * math.sqrt(2))
     assert c.num_workers == 4 and c.global_batch_size == 32
 

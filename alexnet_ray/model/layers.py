@@ -16,7 +16,7 @@ GROUPED = ("conv2", "conv4", "conv5")
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 5e-4, 0.75, 2.0
 CONV1 = dict(kernel_size=11, stride=4, padding=2)
 POOLS = {"overlapping": (3, 2), "plain": (2, 2)}
-INITS = ("paper", "caffe")
+INITS = ("paper", "caffe", "kaiming")
 ACTIVATIONS = ("relu", "tanh")
 
 
@@ -133,7 +133,20 @@ def activation_module(activation: str) -> nn.Module:
 
 
 def init_weights(layers: dict[str, nn.Module], init: str) -> None:
-    """Paper §5: N(0, 0.01), bias 1 on conv2/4/5 and fc6/7, else 0. Caffe: that bias 0.1, fc6/7 std 0.005."""
+    """Paper §5: N(0, 0.01), bias 1 on conv2/4/5 and fc6/7, else 0. Caffe: that bias 0.1, fc6/7 std 0.005.
+
+    "kaiming" is not the paper's: He-normal weights (fan-in, ReLU gain), zero biases, fc8 N(0, 0.01).
+    Narrow networks (the demo and tests) sit for many epochs on the paper's init before they learn;
+    this one learns from the first epoch.
+    """
+    if init == "kaiming":
+        for name, layer in layers.items():
+            if name == "fc8":
+                nn.init.normal_(layer.weight, 0.0, 0.01)
+            else:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        return
     one_bias = 1.0 if init == "paper" else 0.1
     for name, layer in layers.items():
         std = 0.005 if init == "caffe" and name in ("fc6", "fc7") else 0.01

@@ -110,7 +110,7 @@ SECTIONS: dict[str, type] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.init": ("paper", "caffe"),
+    "model.init": ("paper", "caffe", "kaiming"),
     "model.activation": ("relu", "tanh"),
     "model.pool": ("overlapping", "plain"),
     "optimizer.lr_scaling": ("none", "linear", "sqrt"),
@@ -179,9 +179,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     # Small enough for a laptop CPU in a few minutes on the embedded demo dataset.
     "demo": {
-        "model": {"num_classes": DEMO_NUM_CLASSES, "width": 0.25, "image_size": 64, "init": "caffe"},
-        "data": {"batch_size": 32, "ten_crop_final_eval": False},
-        "optimizer": {"lr": 0.02},
+        "model": {"num_classes": DEMO_NUM_CLASSES, "width": 0.25, "image_size": 64, "init": "kaiming"},
+        "data": {"batch_size": 32, "ten_crop_final_eval": True},
+        "optimizer": {"lr": 0.01},
         "schedule": {"kind": "cosine", "warmup_epochs": 1},
         "parallel": {"use_gpu": "auto", "cpus_per_worker": 0.5},  # leaves CPU slots for Ray Data
         "run": {"epochs": 8, "progress_interval_s": 5.0},
@@ -193,10 +193,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "width": 0.125,
             "image_size": 64,
             "dropout": 0.0,
-            "init": "caffe",
+            "init": "kaiming",
         },
         "data": {"batch_size": 16, "ten_crop_final_eval": False, "prefetch_batches": 1},
-        "optimizer": {"lr": 0.02},
+        # 0.01 learns faster but is chaotic here: fp32 rounding differences between layouts grow
+        # from 1e-6 to 1e-2 within two epochs, and tests compare layouts to 1e-5.
+        "optimizer": {"lr": 0.005},
         "schedule": {"kind": "step", "step_size": 10},
         "parallel": {"use_gpu": "false", "exchange_timeout_s": 60.0, "cpus_per_worker": 0.5},
         "run": {"epochs": 2, "seed": 0, "deterministic": True, "progress_interval_s": 1.0},

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from alexnet_ray.train.config import Config, copy_config, validate_config
+from alexnet_ray.train.config import Config, validate_config
 from alexnet_ray.train.metrics import write_metrics_file
 from alexnet_ray.train.worker import train_worker
 
@@ -34,7 +35,10 @@ class MetricsFiles(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and "epoch" in metrics[0]:
-            write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), metrics[0])
+            placement = ("world_rank", "node_id", "replica", "tower")
+            record = {k: v for k, v in metrics[0].items() if k not in placement}
+            record["workers"] = [{k: m.get(k) for k in placement} for m in metrics]
+            write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), record)
 
 
 def demo_dataset_dir(image_size: int, cache: Path = DEMO_CACHE, seed: int = 0) -> Path:
@@ -87,7 +91,7 @@ class Trainer:
 
     def _resolve_data(self) -> Config:
         """The config with data.path set: the given dataset, or the embedded demo prepared once."""
-        config = copy_config(self.config)
+        config = copy.deepcopy(self.config)
         if config.data.path is None:
             config.data.path = str(demo_dataset_dir(config.model.image_size))
         elif "://" not in config.data.path:

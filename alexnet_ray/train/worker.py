@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+import ray
+import ray.data
 import ray.train
 import ray.train.torch
 
@@ -137,8 +139,22 @@ def _replica_batches(source: Iterator[dict] | None, groups, device) -> Iterator[
         yield received
 
 
+def _quiet_ray_data() -> None:
+    """Per-epoch loaders start small Ray Data executions; their banners would drown the progress."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _placement(groups) -> dict:
+    """Where this worker runs, reported every epoch so placement can be checked from the metrics."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "world_rank": ray.train.get_context().get_world_rank(),
+            "replica": groups.replica, "tower": groups.tower}
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
+    _quiet_ray_data()
     w = setup_worker(loop_config)
     config, groups, device = w.config, w.groups, w.device
     manifest = load_manifest(config.data.path)
@@ -207,6 +223,7 @@ def train_worker(loop_config: dict) -> None:
             "lr": lr,
             "epoch_s": elapsed,
             **time_shares(meter),
+            **_placement(groups),
         }
         _report(w, epoch, metrics, manifest, rank)
 
