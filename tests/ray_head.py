@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 PROBE_ENTRYPOINT = ["tests/fixtures/job_config_probe.py"]
 # The job run by the submission test; switch to ["jobs/train.py", "--preset", "tiny"] once the Trainer exists.
-JOB_ENTRYPOINT = PROBE_ENTRYPOINT
+JOB_ENTRYPOINT = ["jobs/train.py", "--preset", "tiny"]
 
 
 def free_port() -> int:
@@ -50,6 +50,8 @@ def client_env(token_path: Path) -> dict[str, str]:
     paths = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
+    # Jobs run `python ...`: make that the interpreter (and virtualenv) running these tests.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0")
     return env
 

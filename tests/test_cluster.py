@@ -177,7 +177,16 @@ def test_token_check_can_fail():
 
 
 def test_runtime_env_keeps_the_upload_small():
+    from ray._private.thirdparty.pathspec import PathSpec  # what Ray matches working_dir excludes with
+
     env = load(CLUSTER / "runtime_env.yaml")
-    assert {".git", ".venv", "runs/", "data/"} <= set(env["excludes"])
+    excluded = PathSpec.from_lines("gitwildmatch", env["excludes"]).match_file
+    for heavy in (".git/HEAD", ".venv/bin/python", "runs/demo/checkpoint.pt", "data/imagenet/manifest.json"):
+        assert excluded(heavy), heavy
+    # the package itself must travel: an unanchored "data/" once dropped alexnet_ray/data from jobs
+    package = [str(p.relative_to(CLUSTER.parent)) for p in (CLUSTER.parent / "alexnet_ray").rglob("*.py")]
+    assert package and not [p for p in package if excluded(p)]
+    gitignore = (CLUSTER.parent / ".gitignore").read_text().splitlines()
+    assert not [p for p in package if PathSpec.from_lines("gitwildmatch", gitignore).match_file(p)]
     assert env["env_vars"]["RAY_AUTH_MODE"] == "token"
     assert "working_dir" not in env  # given on the command line: --working-dir .

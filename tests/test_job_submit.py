@@ -18,14 +18,16 @@ pytestmark = [
 ]
 
 
-def test_job_submit_with_token_auth_and_stop_by_pid():
+def test_job_submit_with_token_auth_and_stop_by_pid(tmp_path):
     head = ray_head.start_head(num_cpus=4)
     try:
         # token auth is on: the jobs API refuses a client without the token
         status, _ = ray_head.dashboard_get(head, "/api/jobs/", token=False)
         assert status == 401
 
-        result = ray_head.submit_and_wait(head)
+        result = ray_head.submit_and_wait(
+            head, [*ray_head.JOB_ENTRYPOINT, "--storage", str(tmp_path), "--name", "submitted"], timeout_s=300
+        )
         assert result["returncode"] == 0, result["submit_output"][-3000:]
         assert result["status"] == "SUCCEEDED", result
         printed = ray_head.last_json_line(result["logs"])
@@ -38,6 +40,9 @@ def test_job_submit_with_token_auth_and_stop_by_pid():
             assert not {".git", ".venv", "runs", "data"} & set(printed["uploaded"])
         else:  # jobs/train.py: its last line is the run summary
             assert {"val_top1_error", "val_top5_error", "train_loss", "epochs", "checkpoint"} <= printed.keys()
+            assert printed["epochs"] == 2 and printed["val_top1_error"] < 0.8
+            assert (tmp_path / "submitted" / "checkpoint_epoch_0002" / "checkpoint.pt").is_file()
+            assert printed["checkpoint"].endswith("checkpoint_epoch_0002")
     finally:
         left = ray_head.stop_head(head)
     assert left == {}, f"Ray processes of this head still alive: {left}"

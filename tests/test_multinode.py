@@ -1,0 +1,44 @@
+"""Two nodes on one machine (Ray's own ray.cluster_utils.Cluster): tower pairs share a node,
+replicas land on different nodes, and the run trains."""
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from alexnet_ray.train.trainer import Trainer
+from conftest import tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def two_node_cluster():
+    ray.shutdown()  # the session's single-node cluster; the next test that needs it restarts it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_tower_pairs_share_a_node_and_replicas_spread(prepared_demo, tmp_path, two_node_cluster):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+    config = tiny_config(prepared_demo, tmp_path, "parallel.replicas=2", "parallel.cpus_per_worker=1",
+                         "optimizer.lr_scaling=linear", "run.name=two-nodes")
+    result = Trainer(config).fit()
+
+    epochs = [json.loads(p.read_text()) for p in sorted((Path(result.path) / "metrics").glob("epoch_*.json"))]
+    node_of = {w["world_rank"]: w["node_id"] for w in epochs[-1]["workers"]}  # reported by the workers
+    assert sorted(node_of) == [0, 1, 2, 3]
+    assert node_of[0] == node_of[1], "replica 0's towers are split across nodes"
+    assert node_of[2] == node_of[3], "replica 1's towers are split across nodes"
+    assert node_of[0] != node_of[2], "both replicas landed on one node"
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"] - 0.1
+    assert result.metrics["val_top1_error"] < 0.7
+    assert result.metrics["val_images"] == 100
