@@ -120,7 +120,8 @@ def _run(items: list[dict], task, fn_kwargs: dict, sizes: list[int], prefetch: i
     if not items:
         return
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset.context.execution_options.preserve_order = True
+    dataset.context.execution_options.preserve_order = True  # a fixed seed gives identical batches
+    dataset.context.enable_progress_bars = False  # one dataset per epoch: no bars in training logs
     dataset = dataset.map_batches(task, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs,
                                   num_cpus=1, zero_copy_batch=True)
     pending: list[dict] = []
