@@ -28,7 +28,9 @@ from alexnet_ray.data.manifest import Manifest, load_manifest
 from alexnet_ray.data.shards import ShardIndex
 
 WINDOW_UNITS = 4  # row groups whose rows are shuffled together
-TASK_BYTES = 48 << 20  # target output of one Ray Data task (whole batches, at least one)
+TASK_BYTES = 96 << 20  # target output of one Ray Data task (whole batches, at least one);
+# at 224 px that is 4 batches of 128 = one window of rows, so each row group is read about once
+TASK_ROWS = 512  # and at most this many rows (small images), so tasks spread over the CPUs
 
 
 def split_evenly(total: int, parts: int) -> np.ndarray:
@@ -78,7 +80,7 @@ def _tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
     """Group consecutive batches into tasks of about TASK_BYTES: [(first batch, end batch)]."""
     tasks, first, rows = [], 0, 0
     for b, size in enumerate(sizes):
-        if b > first and (rows + size) * row_bytes > TASK_BYTES:
+        if b > first and ((rows + size) * row_bytes > TASK_BYTES or rows + size > TASK_ROWS):
             tasks.append((first, b))
             first, rows = b, 0
         rows += size
