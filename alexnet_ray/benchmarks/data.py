@@ -9,7 +9,7 @@ On the same CPU cores, images/s per core for
   (b) ours: TrainLoader over the prepared 256x256 shards (Ray Data, num_cpus = cores), 224 crop,
       flip, PCA lighting;
   (c) the limit: bare decode of the stored 256x256 JPEGs in one process.
-"Per core" is images per CPU-second actually used by every process involved (workers, Ray's
+Each contender is timed twice and keeps its best round. "Per core" is images per CPU-second actually used by every process involved (workers, Ray's
 raylet and driver included), because a shared machine gives the contenders unequal slices of
 the cores; the wall-clock rates per core and the share of the cores each got are reported too.
 Peak memory (PSS of the driver and every Ray process it started) over an epoch of the set and of
@@ -105,6 +105,20 @@ def _timed(batches) -> tuple[float, int]:
     return count / max(time.perf_counter() - start, 1e-9), count
 
 
+ROUNDS = 2  # each contender is timed this often and keeps its best round (the machine may be shared)
+
+
+def _best_of(rounds: int, epoch) -> tuple[int, "CpuTime"]:
+    """(images, CpuTime) of the round with the fewest CPU-seconds per image."""
+    best = None
+    for _ in range(rounds):
+        with CpuTime() as cpu:
+            count = epoch()
+        if best is None or cpu.seconds / count < best[1].seconds / best[0]:
+            best = (count, cpu)
+    return best
+
+
 def baseline_rate(paths: list[Path], cores: int, batch_size: int) -> tuple[int, "CpuTime"]:
     import torch
     from torch.utils.data import DataLoader
@@ -114,20 +128,23 @@ def baseline_rate(paths: list[Path], cores: int, batch_size: int) -> tuple[int, 
                         drop_last=False, prefetch_factor=4, persistent_workers=True)
     for _ in loader:  # start the workers, as the Ray side is warmed up too
         pass
-    with CpuTime() as cpu:
-        _, count = _timed(loader)
-    return count, cpu
+    return _best_of(ROUNDS, lambda: _timed(loader)[1])
 
 
-def decode_rate(jpegs: list[bytes], seconds: float = 3.0) -> tuple[float, float]:
-    """Bare decode of stored JPEGs in this one process: (per CPU-second, per wall second)."""
-    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds:
-        for data in jpegs:
-            with Image.open(io.BytesIO(data)) as image:
-                np.asarray(image)
-            count += 1
-    return count / (time.process_time() - cpu_start), count / (time.perf_counter() - start)
+def decode_rate(jpegs: list[bytes], seconds: float = 1.5) -> tuple[float, float]:
+    """Bare decode of stored JPEGs to numpy in this one process, best of ROUNDS:
+    (per CPU-second, per wall second)."""
+    best = (0.0, 0.0)
+    for _ in range(ROUNDS):
+        count, start, cpu_start = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - start < seconds:
+            for data in jpegs:
+                with Image.open(io.BytesIO(data)) as image:
+                    np.asarray(image)
+                count += 1
+        rates = count / (time.process_time() - cpu_start), count / (time.perf_counter() - start)
+        best = max(best, rates)
+    return best
 
 
 def _descendants(root: int) -> list[int]:
@@ -289,15 +306,15 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
         big_loader = TrainLoader(bigger, batch_size=batch_size, replicas=1, image_size=224, seed=0)
         # Speed on the 4x set (more batches, less start-up share); memory sampling apart, since
         # reading /proc/*/smaps_rollup costs CPU of its own.
-        with CpuTime() as cpu_b:
-            _, count_b = _timed(big_loader.iter_epoch(1, 0))
+        epochs = iter(range(1, ROUNDS + 1))
+        count_b, cpu_b = _best_of(ROUNDS, lambda: _timed(big_loader.iter_epoch(next(epochs), 0))[1])
         ours, ours_wall = count_b / cpu_b.seconds, count_b / cpu_b.wall / cores
         print(f"(b) Ray Data pipeline:   {ours:7.1f} images per CPU-second; {ours_wall:7.1f}/s per core "
               f"wall-clock (got {cpu_b.seconds / cpu_b.wall / cores:.0%} of the cores)")
         with PeakMemory() as memory:
-            _timed(loader.iter_epoch(2, 0))
+            _timed(loader.iter_epoch(ROUNDS + 1, 0))
         with PeakMemory() as memory4:
-            _timed(big_loader.iter_epoch(2, 0))
+            _timed(big_loader.iter_epoch(ROUNDS + 1, 0))
         print(f"    peak PSS of driver + Ray processes: {memory.peak:.0f} MB over the set, "
               f"{memory4.peak:.0f} MB over the 4x set")
     finally:
