@@ -19,13 +19,16 @@ its partner receives the batch over the pair group. Batches are numpy views of R
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from alexnet_ray.data.augment import augment_eval, augment_train
 from alexnet_ray.data.manifest import Manifest, load_manifest
 from alexnet_ray.data.shards import ShardIndex
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 WINDOW_UNITS = 4  # row groups whose rows are shuffled together
 TASK_BYTES = 96 << 20  # target output of one Ray Data task (whole batches, at least one);
@@ -99,7 +102,7 @@ def _task_items(row_ids: np.ndarray, sizes: list[int], row_bytes: int) -> list[d
     return items
 
 
-def _to_table(columns: dict[str, np.ndarray]):
+def _to_table(columns: dict[str, np.ndarray]) -> "pa.Table":
     """Arrow table over the numpy arrays without copying them: each row's array becomes one
     fixed-size binary value (Ray's tensor extension type costs a copy per block)."""
     import pyarrow as pa
@@ -131,7 +134,7 @@ def _from_column(column, dtype, shape: tuple) -> np.ndarray:
 
 
 def _train_task(batch: dict, *, index: ShardIndex, seed: int, epoch: int, image_size: int,
-                eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool) -> dict:
+                eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool) -> "pa.Table":
     ids = np.frombuffer(batch["ids"][0], dtype=np.int64)
     jpegs, labels = index.read(ids)
     images, lighting = augment_train(jpegs, ids, seed=seed, epoch=epoch, image_size=image_size,
@@ -140,7 +143,7 @@ def _train_task(batch: dict, *, index: ShardIndex, seed: int, epoch: int, image_
                       "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)})
 
 
-def _eval_task(batch: dict, *, index: ShardIndex, image_size: int, ten_crop: bool) -> dict:
+def _eval_task(batch: dict, *, index: ShardIndex, image_size: int, ten_crop: bool) -> "pa.Table":
     ids = np.frombuffer(batch["ids"][0], dtype=np.int64)
     jpegs, labels = index.read(ids)
     return _to_table({"images": augment_eval(jpegs, image_size=image_size, ten_crop=ten_crop),
