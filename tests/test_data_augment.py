@@ -1,6 +1,7 @@
 """Augmentation in numpy (no Ray): crops, flips, lighting, ten crops, determinism; device batch."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -102,6 +103,12 @@ def test_to_model_input_normalises_and_applies_lighting():
         [0.25, 0.5, 1.0])
     torch.testing.assert_close(x[0, :, 0, 0], expected)
     torch.testing.assert_close(x[1, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    read_only = images.numpy().copy()
+    read_only.flags.writeable = False  # as the loaders hand batches out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = to_model_input(read_only, lighting.numpy(), [0.5, 0.5, 0.5], [0.25, 0.5, 1.0], "cpu")
+    torch.testing.assert_close(same, x)
     ten = torch.zeros((2, 10, 4, 4, 3), dtype=torch.uint8)
     assert to_model_input(ten, None, [0, 0, 0], [1, 1, 1], "cpu").shape == (20, 3, 4, 4)
     with pytest.raises(ValueError, match="uint8"):

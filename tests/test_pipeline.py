@@ -120,3 +120,17 @@ def test_eval_ten_crop_batches(prepared):
                                                       ten_crop=True))
     with pytest.raises(ValueError, match="image_size=24"):
         EvalLoader(prepared, batch_size=7, replicas=2, image_size=24)
+
+
+def test_tasks_hold_whole_batches_within_the_limits():
+    from alexnet_ray.data.pipeline import TASK_BYTES, TASK_ROWS, _tasks
+
+    sizes = [128] * 9 + [17]
+    tasks = _tasks(sizes, 224 * 224 * 3)
+    assert tasks[0] == (0, 4) and tasks[-1][1] == len(sizes)
+    assert [a for a, _ in tasks[1:]] == [b for _, b in tasks[:-1]]  # contiguous, nothing skipped
+    for a, b in tasks:
+        assert sum(sizes[a:b]) * 224 * 224 * 3 <= TASK_BYTES or b - a == 1
+    small = [8] * 200
+    assert all(sum(small[a:b]) == TASK_ROWS for a, b in _tasks(small, 64 * 64 * 3)[:-1])
+    assert _tasks([128, 128], 10 * 224 * 224 * 3) == [(0, 1), (1, 2)]  # ten crops: one batch a task

@@ -12,13 +12,14 @@ Training epoch plan, a pure function of (seed, epoch) and the manifest:
 Ray Data tasks each take a few whole batches, read the row groups they need, decode every JPEG
 once and crop/flip/light it (alexnet_ray.data.augment); blocks come back in order
 (preserve_order), so a fixed seed gives bit-identical batches. Only the replica's tower 0 iterates;
-its partner receives the batch over the pair group.
+its partner receives the batch over the pair group. Batches are numpy views of Ray's object store
+(read-only, no copy): hand them to alexnet_ray.train.device_batch.to_model_input.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -26,8 +27,13 @@ from alexnet_ray.data.augment import augment_eval, augment_train
 from alexnet_ray.data.manifest import Manifest, load_manifest
 from alexnet_ray.data.shards import ShardIndex
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 WINDOW_UNITS = 4  # row groups whose rows are shuffled together
-TASK_BYTES = 48 << 20  # target output of one Ray Data task (whole batches, at least one)
+TASK_BYTES = 96 << 20  # target output of one Ray Data task (whole batches, at least one);
+# at 224 px that is 4 batches of 128 = one window of rows, so each row group is read about once
+TASK_ROWS = 512  # and at most this many rows (small images), so tasks spread over the CPUs
 
 
 def split_evenly(total: int, parts: int) -> np.ndarray:
@@ -77,7 +83,7 @@ def _tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
     """Group consecutive batches into tasks of about TASK_BYTES: [(first batch, end batch)]."""
     tasks, first, rows = [], 0, 0
     for b, size in enumerate(sizes):
-        if b > first and (rows + size) * row_bytes > TASK_BYTES:
+        if b > first and ((rows + size) * row_bytes > TASK_BYTES or rows + size > TASK_ROWS):
             tasks.append((first, b))
             first, rows = b, 0
         rows += size
@@ -96,37 +102,72 @@ def _task_items(row_ids: np.ndarray, sizes: list[int], row_bytes: int) -> list[d
     return items
 
 
+def _to_table(columns: dict[str, np.ndarray]) -> "pa.Table":
+    """Arrow table over the numpy arrays without copying them: each row's array becomes one
+    fixed-size binary value (Ray's tensor extension type costs a copy per block)."""
+    import pyarrow as pa
+
+    arrays = {}
+    for name, array in columns.items():
+        array = np.ascontiguousarray(array)
+        if array.ndim == 1:
+            arrays[name] = pa.array(array)
+        else:
+            width = array.itemsize * int(np.prod(array.shape[1:]))
+            arrays[name] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(array),
+                                                                [None, pa.py_buffer(array)])
+    return pa.table(arrays)
+
+
+def _from_column(column, dtype, shape: tuple) -> np.ndarray:
+    """Inverse of _to_table for one column: a zero-copy numpy view (a copy if chunked)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not pa.types.is_fixed_size_binary(column.type):
+        return column.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    width = column.type.byte_width
+    values = np.frombuffer(column.buffers()[1], dtype=np.uint8, count=len(column) * width,
+                           offset=column.offset * width)
+    return values.view(dtype).reshape(len(column), *shape)
+
+
 def _train_task(batch: dict, *, index: ShardIndex, seed: int, epoch: int, image_size: int,
-                eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool) -> dict:
+                eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool) -> "pa.Table":
     ids = np.frombuffer(batch["ids"][0], dtype=np.int64)
     jpegs, labels = index.read(ids)
     images, lighting = augment_train(jpegs, ids, seed=seed, epoch=epoch, image_size=image_size,
                                      eigval=eigval, eigvec=eigvec, pca_lighting=pca_lighting)
-    return {"images": images, "labels": labels, "lighting": lighting,
-            "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)}
+    return _to_table({"images": images, "labels": labels, "lighting": lighting,
+                      "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)})
 
 
-def _eval_task(batch: dict, *, index: ShardIndex, image_size: int, ten_crop: bool) -> dict:
+def _eval_task(batch: dict, *, index: ShardIndex, image_size: int, ten_crop: bool) -> "pa.Table":
     ids = np.frombuffer(batch["ids"][0], dtype=np.int64)
     jpegs, labels = index.read(ids)
-    return {"images": augment_eval(jpegs, image_size=image_size, ten_crop=ten_crop), "labels": labels,
-            "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)}
+    return _to_table({"images": augment_eval(jpegs, image_size=image_size, ten_crop=ten_crop),
+                      "labels": labels, "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)})
 
 
-def _run(items: list[dict], task, fn_kwargs: dict, sizes: list[int], prefetch: int) -> Iterator[dict]:
-    """Run one Ray Data task per item, in order, and re-cut the output into the planned batches."""
+def _run(items: list[dict], task, fn_kwargs: dict, sizes: list[int], prefetch: int,
+         columns: dict[str, tuple]) -> Iterator[dict]:
+    """Run one Ray Data task per item, in order, and re-cut the output into the planned batches.
+    `columns`: name -> (dtype, per-row shape) of the arrays handed out."""
     import ray.data
 
     if not items:
         return
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset.context.execution_options.preserve_order = True
+    dataset.context.execution_options.preserve_order = True  # a fixed seed gives identical batches
+    dataset.context.enable_progress_bars = False  # one dataset per epoch: no bars in training logs
     dataset = dataset.map_batches(task, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs,
                                   num_cpus=1, zero_copy_batch=True)
     pending: list[dict] = []
     current = 0
-    for block in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch):
-        numbers = block.pop("batch")
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
+        numbers = table.column("batch").to_numpy()
+        block = {name: _from_column(table.column(name), dtype, shape) for name, (dtype, shape) in columns.items()}
         cuts = np.flatnonzero(np.diff(numbers)) + 1
         starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(numbers)]])
         for a, b in zip(starts, ends):
@@ -187,7 +228,10 @@ class TrainLoader:
         kwargs = {"index": self.index, "seed": self.seed, "epoch": epoch, "image_size": self.image_size,
                   "eigval": self.manifest.eigval(), "eigvec": self.manifest.eigvec(),
                   "pca_lighting": self.pca_lighting}
-        yield from _run(items, _train_task, kwargs, sizes, self.prefetch_batches)
+        size = self.image_size
+        columns = {"images": (np.uint8, (size, size, 3)), "labels": (np.int64, ()),
+                   "lighting": (np.float32, (3,))}
+        yield from _run(items, _train_task, kwargs, sizes, self.prefetch_batches, columns)
 
 
 class EvalLoader:
@@ -221,4 +265,7 @@ class EvalLoader:
         row_bytes = self.image_size**2 * 3 * (10 if self.ten_crop else 1)
         items = _task_items(rows, sizes, row_bytes)
         kwargs = {"index": self.index, "image_size": self.image_size, "ten_crop": self.ten_crop}
-        yield from _run(items, _eval_task, kwargs, sizes, self.prefetch_batches)
+        size = self.image_size
+        shape = (10, size, size, 3) if self.ten_crop else (size, size, 3)
+        columns = {"images": (np.uint8, shape), "labels": (np.int64, ())}
+        yield from _run(items, _eval_task, kwargs, sizes, self.prefetch_batches, columns)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alexnet_ray.data.manifest import Manifest
@@ -63,11 +64,10 @@ class ShardIndex:
             table = open_files[f].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"])
             where = np.nonzero(units == unit)[0]
             offsets = row_ids[where] - self.unit_start[unit]
-            values = table.column("jpeg").to_pylist()
-            unit_labels = table.column("label").to_numpy()
-            for i, offset in zip(where, offsets):
-                jpegs[i] = values[offset]
-            labels[where] = unit_labels[offsets]
+            values = table.column("jpeg").take(pa.array(offsets)).to_pylist()
+            for i, value in zip(where, values):
+                jpegs[i] = value
+            labels[where] = table.column("label").to_numpy()[offsets]
         for file in open_files.values():
             file.close()
         return jpegs, labels

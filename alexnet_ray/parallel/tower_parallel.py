@@ -25,7 +25,7 @@ from .topology import ParallelGroups
 
 class TowerParallel(nn.Module):
     def __init__(self, tower: Tower, groups: ParallelGroups, microbatches: int = 1,
-                 exchange_timeout: float | None = None):
+                 exchange_timeout: float | None = None, overlap_grad_sync: bool = True):
         super().__init__()
         if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
             raise ValueError(f"parallel.microbatches={microbatches!r} must be a positive integer")
@@ -34,6 +34,7 @@ class TowerParallel(nn.Module):
                              f"(tower {groups.tower} of {groups.topology.towers})")
         self.tower, self.groups, self.microbatches = tower, groups, microbatches
         self.exchange_timeout = exchange_timeout
+        self.overlap_grad_sync = overlap_grad_sync  # False: all-reduce only in sync_gradients() (for measuring)
         self._pending_sync: list[mappings.PendingAllReduce] = []
         self.reset_stats()
 
@@ -111,7 +112,8 @@ class TowerParallel(nn.Module):
                     pending[m] = mappings.start_reduce_scatter(
                         inputs[s][m].grad, group, EXCHANGE_DIM, f"{tag[s - 1]} backward mb {m}")
                     inputs[s][m] = None
-            self._launch_grad_sync(s)
+            if self.overlap_grad_sync:
+                self._launch_grad_sync(s)
         return torch.stack(losses).sum(), torch.cat(logits)
 
     # ---- data-parallel gradient sync ----

@@ -1,0 +1,346 @@
+"""Data benchmark: the common DataLoader recipe over raw JPEGs vs this project's Ray Data pipeline.
+
+    python jobs/benchmark.py data            # 1000 generated photos (and a 4x set for memory)
+    python jobs/benchmark.py data --quick    # 500
+
+On the same CPU cores, images/s per core for
+  (a) baseline: torch DataLoader over the raw ~500x375 JPEGs, PIL decode, resize 256, random 224
+      crop, flip (pytorch/examples' ImageNet recipe, in PIL + numpy), num_workers = cores;
+  (b) ours: TrainLoader over the prepared 256x256 shards (Ray Data, num_cpus = cores), 224 crop,
+      flip, PCA lighting;
+  (c) the limit: bare decode of the stored 256x256 JPEGs in one process.
+Each contender is timed twice and keeps its best round. "Per core" is images per CPU-second actually used by every process involved (workers, Ray's
+raylet and driver included), because a shared machine gives the contenders unequal slices of
+the cores; the wall-clock rates per core and the share of the cores each got are reported too.
+Peak memory (PSS of the driver and every Ray process it started) over an epoch of the set and of
+a set four times larger: streaming should not grow with the data. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = 10
+
+
+def _field(rng: np.random.Generator, w: int, h: int, levels) -> np.ndarray:
+    out = np.zeros((h, w), np.float32)
+    for level, amplitude in levels:
+        small = rng.standard_normal((max(2, level * h // w), level), dtype=np.float32)
+        out += amplitude * np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def natural_image(rng: np.random.Generator, w: int = 500, h: int = 375) -> np.ndarray:
+    """Photo-like statistics: 1/f-ish luminance, smooth chroma, a few sharp objects, sensor noise."""
+    lum = _field(rng, w, h, ((3, 1.0), (12, 0.5), (48, 0.3), (160, 0.2)))
+    chroma = [_field(rng, w, h, ((3, 0.6), (10, 0.3))) for _ in range(2)]
+    img = np.stack([lum + chroma[0], lum - 0.5 * chroma[0] + 0.5 * chroma[1], lum - chroma[1]], -1)
+    img = (img - img.mean()) / (img.std() * 4) + 0.5
+    picture = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))]
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    noisy = np.asarray(picture).astype(np.int16) + rng.integers(-20, 21, (h, w, 3), dtype=np.int16)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def write_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        folder = root / "train" / f"class{i % CLASSES:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+        path = folder / f"img{i:06d}.JPEG"
+        Image.fromarray(natural_image(rng, w, h)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+class RawJpegDataset:
+    """The baseline recipe: decode, short side to 256, random 224 crop, flip; uint8 HWC."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng(i)
+        with Image.open(self.paths[i]) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = 256 / min(w, h)
+            image = image.resize((max(256, round(w * scale)), max(256, round(h * scale))), Image.BILINEAR)
+        pixels = np.asarray(image)
+        y = int(rng.integers(0, pixels.shape[0] - 224 + 1))
+        x = int(rng.integers(0, pixels.shape[1] - 224 + 1))
+        crop = pixels[y:y + 224, x:x + 224]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        return np.ascontiguousarray(crop), i % CLASSES
+
+
+def _timed(batches) -> tuple[float, int]:
+    """Images/s over a whole epoch, from asking for the iterator to the last batch."""
+    start, count = time.perf_counter(), 0
+    for batch in batches:
+        count += len(batch[1] if isinstance(batch, (list, tuple)) else batch["labels"])
+    return count / max(time.perf_counter() - start, 1e-9), count
+
+
+ROUNDS = 2  # each contender is timed this often and keeps its best round (the machine may be shared)
+
+
+def _best_of(rounds: int, epoch) -> tuple[int, "CpuTime"]:
+    """(images, CpuTime) of the round with the fewest CPU-seconds per image."""
+    best = None
+    for _ in range(rounds):
+        with CpuTime() as cpu:
+            count = epoch()
+        if best is None or cpu.seconds / count < best[1].seconds / best[0]:
+            best = (count, cpu)
+    return best
+
+
+def baseline_rate(paths: list[Path], cores: int, batch_size: int) -> tuple[int, "CpuTime"]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    loader = DataLoader(RawJpegDataset(paths), batch_size=batch_size, shuffle=True, num_workers=cores,
+                        drop_last=False, prefetch_factor=4, persistent_workers=True)
+    for _ in loader:  # start the workers, as the Ray side is warmed up too
+        pass
+    return _best_of(ROUNDS, lambda: _timed(loader)[1])
+
+
+def decode_rate(jpegs: list[bytes], seconds: float = 1.5) -> tuple[float, float]:
+    """Bare decode of stored JPEGs to numpy in this one process, best of ROUNDS:
+    (per CPU-second, per wall second)."""
+    best = (0.0, 0.0)
+    for _ in range(ROUNDS):
+        count, start, cpu_start = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - start < seconds:
+            for data in jpegs:
+                with Image.open(io.BytesIO(data)) as image:
+                    np.asarray(image)
+                count += 1
+        rates = count / (time.process_time() - cpu_start), count / (time.perf_counter() - start)
+        best = max(best, rates)
+    return best
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    parent = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack += children.get(pid, [])
+    return found
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            continue
+    return seconds
+
+
+class CpuTime:
+    """CPU seconds used by this process and its descendants (DataLoader workers, Ray's processes)
+    while the block runs: the machine may be shared, so rates are also given per CPU-second."""
+
+    def __enter__(self) -> "CpuTime":
+        self._before = _cpu_seconds(_descendants(os.getpid()))
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._wall
+        after = _cpu_seconds(_descendants(os.getpid()))
+        self.seconds = sum(v - self._before.get(pid, 0.0) for pid, v in after.items())
+
+
+def _pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as file:
+                for line in file:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total / 1024
+
+
+class PeakMemory:
+    """Samples the PSS of this process and its descendants (local Ray's raylet, workers, store)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        pids = _descendants(os.getpid())
+        last = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() - last > 1.0:
+                pids, last = _descendants(os.getpid()), time.monotonic()
+            self.peak = max(self.peak, _pss_mb(pids))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _repeat_dataset(prepared: Path, out: Path, times: int) -> Path:
+    """A dataset `times` larger: the shards copied `times` over (decoding cost scales the same)."""
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for copy in range(times):
+        for shard in manifest["splits"]["train"]["shards"]:
+            name = f"copy{copy}-{shard['file']}"
+            shutil.copyfile(prepared / shard["file"], out / name)
+            shards.append({**shard, "file": name})
+    manifest["splits"] = {"train": {**manifest["splits"]["train"], "shards": shards,
+                                    "images": manifest["splits"]["train"]["images"] * times}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark.py data", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="500 images instead of 1000")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workdir", default=None, help="keep the generated data here")
+    args = parser.parse_args(argv)
+    count = args.images or (500 if args.quick else 1000)
+    cores = len(os.sched_getaffinity(0))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="alexnet-data-bench-"))
+    try:
+        return _run(work, count, cores, args.batch_size)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
+    import ray
+
+    from alexnet_ray.data.pipeline import TrainLoader
+    from alexnet_ray.data.prepare import prepare_dataset
+    from alexnet_ray.data.shards import ShardIndex
+    from alexnet_ray.data.manifest import load_manifest
+
+    started = time.perf_counter()
+    paths = write_photos(work / "raw", count)
+    mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
+    print(f"{count} photos (~500x375, mean {mean_kb:.0f} kB) written in {time.perf_counter() - started:.1f}s; "
+          f"{cores} cores")
+
+    count_a, cpu_a = baseline_rate(paths, cores, batch_size)
+    baseline, baseline_wall = count_a / cpu_a.seconds, count_a / cpu_a.wall / cores
+    print(f"(a) DataLoader baseline: {baseline:7.1f} images per CPU-second; {baseline_wall:7.1f}/s per core "
+          f"wall-clock (got {cpu_a.seconds / cpu_a.wall / cores:.0%} of the cores)")
+
+    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    try:
+        started = time.perf_counter()
+        prepare_dataset(work / "raw", work / "prepared", size=256)
+        prepare_s = time.perf_counter() - started
+        print(f"    prepare (one-off): {count / prepare_s:8.1f} images/s incl. Ray start-up")
+        index = ShardIndex.from_manifest(load_manifest(work / "prepared"), "train")
+        jpegs, _ = index.read(np.arange(min(index.num_rows, 200)))
+        limit, limit_wall = decode_rate(jpegs)
+        print(f"(c) bare 256x256 decode: {limit:7.1f} images per CPU-second; {limit_wall:7.1f}/s wall-clock")
+
+        loader = TrainLoader(work / "prepared", batch_size=batch_size, replicas=1, image_size=224, seed=0)
+        for _ in loader.iter_epoch(0, 0):  # warm the Ray workers
+            pass
+        bigger = _repeat_dataset(work / "prepared", work / "prepared4x", 4)
+        big_loader = TrainLoader(bigger, batch_size=batch_size, replicas=1, image_size=224, seed=0)
+        # Speed on the 4x set (more batches, less start-up share); memory sampling apart, since
+        # reading /proc/*/smaps_rollup costs CPU of its own.
+        epochs = iter(range(1, ROUNDS + 1))
+        count_b, cpu_b = _best_of(ROUNDS, lambda: _timed(big_loader.iter_epoch(next(epochs), 0))[1])
+        ours, ours_wall = count_b / cpu_b.seconds, count_b / cpu_b.wall / cores
+        print(f"(b) Ray Data pipeline:   {ours:7.1f} images per CPU-second; {ours_wall:7.1f}/s per core "
+              f"wall-clock (got {cpu_b.seconds / cpu_b.wall / cores:.0%} of the cores)")
+        with PeakMemory() as memory:
+            _timed(loader.iter_epoch(ROUNDS + 1, 0))
+        with PeakMemory() as memory4:
+            _timed(big_loader.iter_epoch(ROUNDS + 1, 0))
+        print(f"    peak PSS of driver + Ray processes: {memory.peak:.0f} MB over the set, "
+              f"{memory4.peak:.0f} MB over the 4x set")
+    finally:
+        ray.shutdown()
+
+    result = {
+        "images": count,
+        "cores": cores,
+        "baseline_per_core": round(baseline, 1),
+        "ray_per_core": round(ours, 1),
+        "decode_limit_per_core": round(limit, 1),
+        "speedup": round(ours / baseline, 2),
+        "fraction_of_limit": round(ours / limit, 3),
+        "baseline_wall_per_core": round(baseline_wall, 1),
+        "ray_wall_per_core": round(ours_wall, 1),
+        "decode_limit_wall": round(limit_wall, 1),
+        "speedup_wall": round(ours_wall / baseline_wall, 2),
+        "fraction_of_limit_wall": round(ours_wall / limit_wall, 3),
+        "core_share_baseline": round(cpu_a.seconds / cpu_a.wall / cores, 3),
+        "core_share_ray": round(cpu_b.seconds / cpu_b.wall / cores, 3),
+        "peak_rss_mb": round(memory.peak, 1),
+        "peak_rss_mb_4x": round(memory4.peak, 1),
+        "rss_growth_4x": round(memory4.peak / max(memory.peak, 1e-9), 3),
+        "prepare_images_per_s": round(count / prepare_s, 1),
+    }
+    print(f"speedup {result['speedup']}x (goal >= 5), {result['fraction_of_limit']:.0%} of the decode limit "
+          f"(goal >= 70%), memory 4x/1x {result['rss_growth_4x']} (goal <= 1.2)")
+    print(json.dumps(result))
+    return 0
