@@ -38,11 +38,20 @@ def load_inference_model(path: str | os.PathLike) -> AlexNet:
         except ExportError as error:
             if "is not an alexnet-ray export" not in str(error):
                 raise  # an export file that is corrupt
-            # else perhaps a training checkpoint's checkpoint.pt
+            if not _is_checkpoint_file(path):
+                raise ExportError(f"{path} is neither an exported model (jobs/export.py) nor an alexnet-ray "
+                                  "checkpoint") from None
     from alexnet_ray.train.checkpoint import load_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     return exported_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint)).build_model()
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    from alexnet_ray.train.checkpoint import FORMAT
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def prepare_image(data: bytes, preprocessing: dict, *, ten_crop: bool = False, name: str = "image") -> np.ndarray:
