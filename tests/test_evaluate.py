@@ -153,27 +153,18 @@ def reference_predictions(model, data_dir, image_size, mean, std, ten_crop):
     return np.array(labels), np.stack(top5)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_evaluation_equals_the_towers_evaluation_during_training(ray_cluster, tiny_run, prepared_demo):
-    from alexnet_ray.eval.batch import evaluate
-
-    result = evaluate(tiny_run.checkpoint.path, prepared_demo, batch_size=32, actors=2, progress=False)
-    trained = tiny_run.metrics  # the two-tower TowerParallel evaluation of the same weights
-    assert result["images"] == trained["val_images"] == 100
-    assert result["top1_error"] == pytest.approx(trained["val_top1_error"], abs=1e-9)
-    assert result["top5_error"] == pytest.approx(trained["val_top5_error"], abs=1e-9)
-    assert result["loss"] == pytest.approx(trained["val_loss"], rel=1e-4)
-    assert result["ten_crop"] is False
+@pytest.fixture(scope="module")
+def varied(tiny_run, prepared_demo, tmp_path_factory):
+    return varied_checkpoint(tiny_run, prepared_demo, tmp_path_factory.mktemp("varied") / "checkpoint")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("ten_crop", [False, True])
-def test_evaluation_agrees_with_the_exported_model(ray_cluster, tiny_run, prepared_demo, tmp_path, ten_crop):
+def test_evaluation_agrees_with_the_exported_model(ray_cluster, varied, prepared_demo, ten_crop):
     from alexnet_ray.eval.batch import evaluate
 
-    checkpoint = varied_checkpoint(tiny_run, prepared_demo, tmp_path / "varied")
+    checkpoint = varied
     result = evaluate(checkpoint, prepared_demo, ten_crop=ten_crop, batch_size=24, actors=2, progress=False,
                       keep_predictions=True)
     exported = exported_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint))
@@ -236,11 +227,15 @@ def test_run_directory_resolves_to_its_latest_checkpoint(tiny_run):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_evaluate_job_prints_the_json_line_last(capsys, ray_cluster, tiny_run, prepared_demo):
-    code, out, err = run_job(capsys, "evaluate", tiny_run.path, "--data", str(prepared_demo), "--ten-crop",
-                             "--batch-size", "50", "--actors", "1")
+def test_evaluate_job_equals_the_towers_evaluation_during_training(capsys, ray_cluster, tiny_run, prepared_demo):
+    code, out, err = run_job(capsys, "evaluate", tiny_run.path, "--data", str(prepared_demo), "--batch-size", "32",
+                             "--actors", "2")
     assert code == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["images"] == 100 and summary["ten_crop"] is True
-    assert 0.0 <= summary["top5_error"] <= summary["top1_error"] <= 1.0
+    result = json.loads(out.strip().splitlines()[-1])  # the last line is the JSON object
+    trained = tiny_run.metrics  # the two-tower TowerParallel evaluation of the same weights, in training
+    assert result["images"] == trained["val_images"] == 100
+    assert result["top1_error"] == pytest.approx(trained["val_top1_error"], abs=1e-9)
+    assert result["top5_error"] == pytest.approx(trained["val_top5_error"], abs=1e-9)
+    assert result["loss"] == pytest.approx(trained["val_loss"], rel=1e-4)
+    assert result["ten_crop"] is False and result["checkpoint"].endswith("checkpoint_epoch_0002")
     assert "100/100 images" in err  # the progress bar reached the end
