@@ -8,6 +8,7 @@ message naming the field (or file) before any worker starts.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -577,3 +578,7 @@ def _validate_resources(config: Config, resources: Mapping[str, float]) -> None:
             f"parallel.towers x parallel.replicas = {p.towers} x {p.replicas} = {workers} workers "
             f"x parallel.cpus_per_worker={p.cpus_per_worker:g} need {need:g} CPUs; the Ray cluster has {cpus:g}",
         )
+
+
+def copy_config(config: Config) -> Config:
+    return copy.deepcopy(config)

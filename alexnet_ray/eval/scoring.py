@@ -1,0 +1,66 @@
+"""Turning uint8 crops into class probabilities, the way training's evaluation does it.
+
+Centre crop: softmax of the logits. Ten crops (paper §4.1: the four corners and the centre of the
+stored image, and their mirrors): the softmax of each crop's logits, averaged over the ten.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from alexnet_ray.train.checkpoint import WEIGHTS_FILE
+from alexnet_ray.train.device_batch import to_model_input
+
+
+class DatasetMismatchError(ValueError):
+    """A dataset that does not fit the model (other classes, too small a stored size)."""
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory or file as given; a run directory resolves to its latest checkpoint."""
+    path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS_FILE).exists():
+        candidates = sorted(p for p in path.glob("checkpoint_epoch_*") if (p / WEIGHTS_FILE).exists())
+        if candidates:
+            return candidates[-1]
+    return path
+
+
+def check_classes(model_classes: Sequence[str], dataset_classes: Sequence[str], dataset: Any) -> None:
+    """DatasetMismatchError naming the first difference unless the class lists are identical."""
+    model_classes, dataset_classes = list(model_classes), list(dataset_classes)
+    if model_classes == dataset_classes:
+        return
+    if len(model_classes) != len(dataset_classes):
+        detail = f"the model has {len(model_classes)} classes, the dataset {len(dataset_classes)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(model_classes, dataset_classes)) if a != b)
+        detail = f"class {i} is {model_classes[i]!r} in the model but {dataset_classes[i]!r} in the dataset"
+    raise DatasetMismatchError(f"classes of dataset {dataset} do not match the checkpoint's: {detail}")
+
+
+def average_crops(logits: torch.Tensor) -> torch.Tensor:
+    """(N, crops, C) logits -> (N, C): the mean over crops of each crop's softmax."""
+    return F.softmax(logits.float(), dim=-1).mean(dim=1)
+
+
+def class_probabilities(model: torch.nn.Module, images: torch.Tensor, preprocessing: dict, device,
+                        ten_crop: bool) -> torch.Tensor:
+    """uint8 (N, H, W, 3) centre crops or (N, 10, H, W, 3) ten crops -> probabilities (N, C), float32."""
+    images = torch.as_tensor(images)
+    x = to_model_input(images, None, preprocessing["mean"], preprocessing["std"], device)
+    with torch.no_grad():
+        logits = model(x).float()
+    if ten_crop:
+        return average_crops(logits.view(images.shape[0], images.shape[1], -1))
+    return F.softmax(logits, dim=-1)
+
+
+def top_k(probabilities: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Indices of the k most probable classes (k capped at the class count), most probable first."""
+    return probabilities.topk(min(k, probabilities.shape[-1]), dim=-1).indices
