@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "AlexNet": ("alexnet_ray.model", "AlexNet"),
     "Tower": ("alexnet_ray.model", "Tower"),
-    "Trainer": ("alexnet_ray.train", "Trainer"),
-    "Config": ("alexnet_ray.train", "Config"),
+    "Trainer": ("alexnet_ray.train.trainer", "Trainer"),
+    "Config": ("alexnet_ray.train.config", "Config"),
     "load_exported": ("alexnet_ray.export", "load_exported"),
 }
 

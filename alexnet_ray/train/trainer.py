@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from pathlib import Path
@@ -19,11 +18,11 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from alexnet_ray.train.config import Config, validate_config
+from alexnet_ray.train.config import Config, copy_config, validate_config
+from alexnet_ray.train import tensorboard
 from alexnet_ray.train.metrics import write_metrics_file
 from alexnet_ray.train.worker import train_worker
 
-DEFAULT_STORAGE = Path("~/alexnet-ray-runs").expanduser()
 DEMO_CACHE = Path(os.environ.get("ALEXNET_RAY_CACHE", "~/.cache/alexnet-ray")).expanduser()
 
 
@@ -39,6 +38,7 @@ class MetricsFiles(UserCallback):
             record = {k: v for k, v in metrics[0].items() if k not in placement}
             record["workers"] = [{k: m.get(k) for k in placement} for m in metrics]
             write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), record)
+            tensorboard.log_epoch(self.run_dir, record)
 
 
 def demo_dataset_dir(image_size: int, cache: Path = DEMO_CACHE, seed: int = 0) -> Path:
@@ -91,7 +91,7 @@ class Trainer:
 
     def _resolve_data(self) -> Config:
         """The config with data.path set: the given dataset, or the embedded demo prepared once."""
-        config = copy.deepcopy(self.config)
+        config = copy_config(self.config)
         if config.data.path is None:
             config.data.path = str(demo_dataset_dir(config.model.image_size))
         elif "://" not in config.data.path:
@@ -102,7 +102,7 @@ class Trainer:
         return self.config.run.name or time.strftime("alexnet-%Y%m%d-%H%M%S")
 
     def storage_path(self) -> str:
-        storage = self.config.run.storage or str(DEFAULT_STORAGE)
+        storage = self.config.run.storage
         return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
     def fit(self) -> ray.train.Result:
