@@ -1,6 +1,8 @@
 """Shared fixtures. One local Ray cluster per test session, started on first use."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,16 @@ def tiny_run(prepared_demo, tmp_path_factory):
     _start_ray()
     storage = tmp_path_factory.mktemp("runs")
     return Trainer(tiny_config(prepared_demo, storage, "run.name=shared-tiny")).fit()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_job(capsys, name, *argv):
+    """Run jobs/<name>.py's main(argv) in this process: (exit code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -1,9 +1,7 @@
 """Export: a weights_only file that rebuilds the AlexNet, reproduces the two towers' logits, carries
 classes and preprocessing; ONNX (optional extra) agrees with PyTorch; bad files give one clear error."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +10,8 @@ from alexnet_ray import load_exported
 from alexnet_ray.export import EXPORT_FORMAT, ExportError, export_checkpoint, read_exported
 from alexnet_ray.model import EXCHANGE_DIM, NUM_STAGES, AlexNet, Tower, split_state_dict
 from alexnet_ray.train.checkpoint import load_checkpoint
+from conftest import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_job(capsys, name, *argv):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
 """predict: the same preprocessing as evaluation (a raw photo gets exactly the probabilities its
 prepared row gets), the table and --json output, and one clear error per unreadable image."""
 
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,17 +14,8 @@ from alexnet_ray.data.augment import augment_eval
 from alexnet_ray.eval.predict import load_inference_model, predict_files
 from alexnet_ray.eval.scoring import class_probabilities
 from alexnet_ray.export import ExportError, export_checkpoint
+from conftest import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_job(capsys, name, *argv):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Pictures: kernel chroma on constructed kernels, conv1_kernels.png and curves.png from the tiny run
 (size, not blank, both towers drawn), the job's printed statistic, and TensorBoard scalars."""
 
-import importlib.util
 import json
 import math
 import struct
@@ -14,17 +13,8 @@ from PIL import Image
 
 from alexnet_ray import visualize as viz
 from alexnet_ray.train.checkpoint import load_checkpoint
+from conftest import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_job(capsys, name, *argv):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_chroma_of_constructed_kernels():
