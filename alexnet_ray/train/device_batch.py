@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-def _as_tensor(array) -> torch.Tensor:
+def as_tensor(array) -> torch.Tensor:
     # Loader batches are read-only views of Ray's object store; nothing here writes to them.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -32,14 +32,14 @@ def to_model_input(
     """(N,H,W,3) uint8 -> (N,3,H,W) float32. Ten-crop batches (N,10,H,W,3) come back as
     (N*10,3,H,W), crops of one image adjacent; their lighting, if given, is (N,3). Accepts the
     loaders' numpy arrays (read-only is fine) or tensors."""
-    images = _as_tensor(images_uint8_nhwc)
+    images = as_tensor(images_uint8_nhwc)
     if images.dtype != torch.uint8 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (..., H, W, 3), got {images.dtype} {tuple(images.shape)}")
     crops = images.shape[1] if images.dim() == 5 else 1
     images = images.reshape(-1, *images.shape[-3:]).to(device, non_blocking=True)
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if lighting is not None:
-        offsets = _as_tensor(lighting).float().to(device, non_blocking=True)
+        offsets = as_tensor(lighting).float().to(device, non_blocking=True)
         x = x + offsets.repeat_interleave(crops, dim=0)[:, :, None, None]
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)[None, :, None, None]
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device)[None, :, None, None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -86,11 +87,12 @@ class Progress:
         rate = images / elapsed if elapsed > 0 else 0.0
         done = step / max(1, self.steps)
         eta = elapsed * (1 - done) / done if done > 0 else float("nan")
-        print(
+        # sys.stdout, not print: Ray Train patches print to log *and* echo, doubling every line.
+        sys.stdout.write(
             f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps}  loss {loss:.4f}  "
-            f"{rate:,.0f} img/s  epoch ETA {eta:.0f}s",
-            flush=True,
+            f"{rate:,.0f} img/s  epoch ETA {eta:.0f}s\n"
         )
+        sys.stdout.flush()
 
 
 def write_metrics_file(run_dir: str, epoch: int, metrics: dict) -> str:

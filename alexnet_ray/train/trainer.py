@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from alexnet_ray.train.config import Config, copy_config, validate_config
@@ -132,6 +132,7 @@ class Trainer:
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
                 callbacks=[MetricsFiles(run_dir)],
+                logging_config=LoggingConfig(log_level="WARNING"),  # progress lines, not Ray's per-report INFO
             ),
         )
         return trainer.fit()

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import logging
+import sys
 import tempfile
 import time
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +31,7 @@ from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
 from alexnet_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from alexnet_ray.train.config import Config
-from alexnet_ray.train.device_batch import to_model_input
+from alexnet_ray.train.device_batch import as_tensor, to_model_input
 from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
 from alexnet_ray.train.schedule import make_lr_schedule
 
@@ -131,19 +135,26 @@ def _replica_batches(source: Iterator[dict] | None, groups, device) -> Iterator[
             batch = next(source, None)
             if batch is not None:
                 lighting = batch.get("lighting")
-                tensors = [torch.as_tensor(batch["images"]).to(device), torch.as_tensor(batch["labels"]).to(device),
-                           torch.as_tensor(lighting if lighting is not None else []).to(device)]
+                tensors = [as_tensor(batch["images"]).to(device), as_tensor(batch["labels"]).to(device),
+                           as_tensor(lighting if lighting is not None else np.zeros(0, np.float32)).to(device)]
         received = broadcast_from_tower0(tensors, groups)
         if not received:
             return
         yield received
 
 
-def _quiet_ray_data() -> None:
-    """Per-epoch loaders start small Ray Data executions; their banners would drown the progress."""
+def _quiet_ray_logs() -> None:
+    """Per-epoch loaders start small Ray Data executions, and every report logs a line per rank:
+    together they would drown the progress lines."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train V2 logs every report of every rank at INFO through a logger named by its file path.
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def _placement(groups) -> dict:
@@ -154,7 +165,7 @@ def _placement(groups) -> dict:
 
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
-    _quiet_ray_data()
+    _quiet_ray_logs()
     w = setup_worker(loop_config)
     config, groups, device = w.config, w.groups, w.device
     manifest = load_manifest(config.data.path)
@@ -225,6 +236,13 @@ def train_worker(loop_config: dict) -> None:
             **time_shares(meter),
             **_placement(groups),
         }
+        if rank == 0:
+            sys.stdout.write(
+                f"epoch {epoch + 1}/{config.run.epochs}: train loss {metrics['train_loss']:.4f}, "
+                f"val top-1/top-5 error {metrics['val_top1_error']:.3f}/{metrics['val_top5_error']:.3f}"
+                f"{' (10 crops)' if ten_crop else ''}, {metrics['images_per_s']:,.0f} img/s, lr {lr:.5g}\n"
+            )
+            sys.stdout.flush()
         _report(w, epoch, metrics, manifest, rank)
 
 
