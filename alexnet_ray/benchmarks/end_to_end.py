@@ -104,7 +104,35 @@ def run_ray(config: Config, name: str) -> dict:
     epochs = [{"images": r["images_per_s"] * r["epoch_s"], "epoch_s": r["epoch_s"]} for r in records]
     shares = {k: float(np.mean([r[f"share_{k}"] for r in records[1:]]))
               for k in ("data", "compute", "exchange", "grad_sync")}
-    return {**_steady(epochs), "wall_s": wall, "shares": shares}
+    return {**_steady(epochs), "wall_s": wall, "shares": shares, "final_loss": records[-1]["train_loss"]}
+
+
+def profile_data(config: Config, epochs: int) -> dict:
+    """The Ray Data pipeline alone, on a cluster sized like Trainer's: per epoch, seconds to the
+    first batch (execution start-up + the first task) and images/s with no training beside it."""
+    import ray
+
+    from ..train.trainer import Trainer
+    from ..train.worker import _quiet_ray_data
+
+    Trainer(config)._connect()
+    _quiet_ray_data()
+    loader = TrainLoader(config.data.path, batch_size=config.data.batch_size, replicas=1,
+                         image_size=config.model.image_size, seed=config.run.seed,
+                         pca_lighting=config.data.pca_lighting, prefetch_batches=config.data.prefetch_batches)
+    first, rates = [], []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        count, first_s = 0, None
+        for batch in loader.iter_epoch(epoch, 0):
+            first_s = time.perf_counter() - start if first_s is None else first_s
+            count += len(batch["labels"])
+        first.append(first_s)
+        rates.append(count / (time.perf_counter() - start))
+    ray.shutdown()
+    later = slice(1, None)  # the first epoch also starts Ray Data's worker processes
+    return {"first_batch_s": float(np.median(first[later])), "images_per_s": float(np.median(rates[later])),
+            "first_batch_s_all": [round(x, 3) for x in first]}
 
 
 # ---------------------------------------------------------------------------------------- plain
@@ -216,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             ray_runs.append(run_ray(config, f"e2e-ray-{stamp}-{r}"))
             plain_runs.append(run_plain(config, batches_path, root, f"plain-{r}"))
-    return report(config, ray_runs, plain_runs, images, epochs, rounds, args.quick)
+        data = profile_data(config, epochs)
+    return report(config, ray_runs, plain_runs, data, images, epochs, rounds, args.quick)
 
 
-def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], images: int, epochs: int,
+def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], data: dict, images: int, epochs: int,
            rounds: int, quick: bool) -> int:
     ray_best = max(ray_runs, key=lambda r: r["images_per_s"])
     plain_best = max(plain_runs, key=lambda r: r["images_per_s"])
@@ -239,6 +268,11 @@ def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], images:
     print(f"Ray step-time shares (epochs 2..N, best round): data wait {shares['data']:.1%}, compute "
           f"{shares['compute']:.1%}, exchange {shares['exchange']:.1%}, grad sync {shares['grad_sync']:.1%}; "
           f"plain exchange share {plain_best['exchange_share']:.1%}")
+    same = all(r["final_loss"] == p["final_loss"] for r, p in zip(ray_runs, plain_runs))
+    print(f"same work: last epoch's train loss Ray {ray_runs[0]['final_loss']:.10f}, plain "
+          f"{plain_runs[0]['final_loss']:.10f} ({'identical' if same else 'DIFFERENT'} in every round)")
+    print(f"Ray Data alone (no training, epochs 2..N, median): first batch after {data['first_batch_s']:.2f} s, "
+          f"{data['images_per_s']:.0f} images/s (per-epoch first batch s: {data['first_batch_s_all']})")
     print(f"ratio Ray / plain (best rounds): {ratio:.3f}  (goal >= 0.9); load average {load[0]:.2f} {load[1]:.2f}")
     figures = {
         "ray_images_per_s": round(ray_best["images_per_s"], 2),
@@ -252,6 +286,9 @@ def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], images:
         "ray_share_data": round(shares["data"], 4),
         "ray_share_exchange": round(shares["exchange"], 4),
         "plain_exchange_share": round(plain_best["exchange_share"], 4),
+        "same_final_loss": same,
+        "data_only_first_batch_s": round(data["first_batch_s"], 3),
+        "data_only_images_per_s": round(data["images_per_s"], 1),
         "images": images, "epochs": epochs, "rounds": rounds, "batch": config.data.batch_size,
         "width": m.width, "image_size": m.image_size, "torch_threads": torch_threads(config),
         "load_average_1m": round(load[0], 2), "quick": quick,
