@@ -282,7 +282,8 @@ def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], broadca
     load = os.getloadavg()
     print(f"AlexNet width={m.width} image={m.image_size} classes={m.num_classes}, {images} demo images "
           f"stored at {STORED_SIZE}px, batch {config.data.batch_size}, {p.towers} towers x {p.replicas} replica, "
-          f"{torch_threads(config)} torch thread(s) per process, niceness {niceness} (Ray: {RAY_WORKER_NICENESS}), {epochs} epochs, {rounds} round(s), CPU, gloo")
+          f"{torch_threads(config)} torch thread(s) per process, niceness {niceness} (Ray: {RAY_WORKER_NICENESS}), "
+          f"{epochs} epochs, {rounds} round(s), CPU, gloo")
     print("images/s: epochs 2..N only (start-up and first epoch excluded from both); "
           "wall s: whole run, start-up included")
     print(f"{'contender':<34}{'round':>6}{'images/s':>10}{'wall s':>9}  epoch s")
