@@ -123,10 +123,10 @@ def profile_data(config: Config, epochs: int) -> dict:
     import ray
 
     from ..train.trainer import Trainer
-    from ..train.worker import _quiet_ray_data
+    from ..train.worker import _quiet_ray_logs
 
     Trainer(config)._connect()
-    _quiet_ray_data()
+    _quiet_ray_logs()
     loader = TrainLoader(config.data.path, batch_size=config.data.batch_size, replicas=1,
                          image_size=config.model.image_size, seed=config.run.seed,
                          pca_lighting=config.data.pca_lighting, prefetch_batches=config.data.prefetch_batches)
