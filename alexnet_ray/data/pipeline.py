@@ -80,12 +80,15 @@ def epoch_order(index: ShardIndex, seed: int, epoch: int) -> np.ndarray:
 
 
 def _tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
-    """Group consecutive batches into tasks of about TASK_BYTES: [(first batch, end batch)]."""
-    tasks, first, rows = [], 0, 0
+    """Group consecutive batches into tasks of about TASK_BYTES: [(first batch, end batch)].
+
+    The first task holds one batch and each next one twice as many rows, up to the limits: the
+    step waits for one batch's decodes at the start of an epoch, not for a whole task's."""
+    tasks, first, rows, cap = [], 0, 0, sizes[0] if sizes else 0
     for b, size in enumerate(sizes):
-        if b > first and ((rows + size) * row_bytes > TASK_BYTES or rows + size > TASK_ROWS):
+        if b > first and ((rows + size) * row_bytes > TASK_BYTES or rows + size > min(cap, TASK_ROWS)):
             tasks.append((first, b))
-            first, rows = b, 0
+            first, rows, cap = b, 0, 2 * cap
         rows += size
     if sizes:
         tasks.append((first, len(sizes)))
