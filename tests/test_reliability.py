@@ -79,6 +79,15 @@ def recovery(events: list[dict], failed_at: float) -> tuple[float, dict]:
     return first["time"] - failed_at, first
 
 
+def fired(events, index) -> dict:
+    return next(e for e in events if e["event"] == "fired" and e["index"] == index)
+
+
+def error_after(events, event) -> dict:
+    """The first error a worker recorded after `event`."""
+    return next(e for e in events if e["event"] == "error" and e["time"] >= event["time"])
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -104,7 +113,7 @@ def faulted(prepared_demo, tmp_path_factory, tiny_run):
     recoveries = {}
     for index, info in killer.killed.items():
         recoveries[index] = recovery(events, info["killed_at"])[0]
-    stall_error = next(e for e in events if e["event"] == "error" and e["type"] == "ExchangeTimeoutError")
+    stall_error = error_after(events, fired(events, STALL))
     recoveries[STALL] = recovery(events, stall_error["time"])[0]
     names = {MID_EPOCH: "kill mid-epoch", IN_EXCHANGE: "kill in exchange", STALL: "stall timeout",
              IN_CHECKPOINT: "kill in checkpoint"}
@@ -112,10 +121,6 @@ def faulted(prepared_demo, tmp_path_factory, tiny_run):
           + ", ".join(f"{names[i]} {recoveries[i]:.1f}s" for i in sorted(recoveries)), flush=True)
     (root / "recovery_times.json").write_text(json.dumps({names[i]: s for i, s in recoveries.items()}))
     return {"result": result, "events": events, "killed": killer.killed, "recoveries": recoveries}
-
-
-def fired(events, index) -> dict:
-    return next(e for e in events if e["event"] == "fired" and e["index"] == index)
 
 
 def test_run_survives_the_faults_with_identical_weights(faulted, tiny_run):
@@ -162,7 +167,8 @@ def test_worker_killed_while_writing_checkpoint(faulted):
 def test_stalled_partner_fails_within_the_exchange_timeout(faulted):
     events = faulted["events"]
     stall = fired(events, STALL)
-    error = next(e for e in events if e["event"] == "error" and e["type"] == "ExchangeTimeoutError")
+    error = error_after(events, stall)
+    assert error["type"] == "ExchangeTimeoutError", error
     step = 1 * STEPS_PER_EPOCH + 8
     assert error["rank"] == 0
     assert f"conv3 forward mb 0 step {step}: recv from rank 1: not complete after {EXCHANGE_TIMEOUT_S:g}s" \
