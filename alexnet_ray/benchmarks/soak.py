@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     epochs = args.epochs or (5 if args.quick else 30)
 
+    import ray
+
     from alexnet_ray.train.config import load_config
     from alexnet_ray.train.trainer import Trainer
 
@@ -64,6 +66,7 @@ def main(argv: list[str]) -> int:
         result = Trainer(config).fit()
         series = rss_per_worker(Path(result.path))
     finally:
+        ray.shutdown()  # so no worker log line lands after the JSON line
         if not args.keep:
             shutil.rmtree(storage, ignore_errors=True)
     wall = time.perf_counter() - started
