@@ -13,13 +13,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from alexnet_ray.train import fault_injection
 from alexnet_ray.train.checkpoint import load_checkpoint
@@ -162,6 +162,8 @@ def test_worker_killed_while_writing_checkpoint(faulted):
     assert (first["epoch"], first["step"]) == (1, 0)  # the unreported epoch-2 checkpoint is not used
     run_dir = Path(faulted["result"].path)
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    # the killed writer's temporary checkpoint directory was removed by its successor
+    assert not list(Path(tempfile.gettempdir()).glob(f"alexnet-ckpt-{killed['pid']}-*"))
 
 
 def test_stalled_partner_fails_within_the_exchange_timeout(faulted):

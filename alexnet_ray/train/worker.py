@@ -10,8 +10,10 @@ import contextlib
 import dataclasses
 import os
 import posixpath
+import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -98,6 +100,23 @@ def _load_resume_state(config: Config) -> dict | None:
     if config.run.resume_from:
         return load_checkpoint(config.run.resume_from)
     return None
+
+
+CHECKPOINT_TMP_PREFIX = "alexnet-ckpt-"  # + writer's pid: a checkpoint being written before its upload
+
+
+def _remove_stale_checkpoint_dirs() -> None:
+    """Remove temporary checkpoint directories whose writer is gone (killed before it cleaned up)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_TMP_PREFIX}*-*"):
+        pid = path.name[len(CHECKPOINT_TMP_PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _checkpoint_dir_name(epoch: int) -> str:
@@ -312,7 +331,8 @@ def _report(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> N
         "preprocessing": {"stored_size": manifest.size, "image_size": w.config.model.image_size,
                           "mean": list(manifest.mean), "std": list(manifest.std)},
     }
-    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+    _remove_stale_checkpoint_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_TMP_PREFIX}{os.getpid()}-") as tmp:
         save_checkpoint(tmp, state)
         fault_injection.point("checkpoint", epoch)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
