@@ -21,7 +21,9 @@ from torch import Tensor
 
 
 class ExchangeTimeoutError(RuntimeError):
-    """A cross-connect or sync did not complete within its timeout; the message names the op."""
+    """A cross-connect or sync did not complete within its timeout, or failed because the peer's
+    connection broke; the message names the op (layer, direction, micro-batch, step, peer rank).
+    The pair's connection is not reusable afterwards: treat it as fatal."""
 
 
 @dataclass
@@ -64,9 +66,14 @@ def _wait(work, label: str, timeout: float | None) -> None:
     if timeout is None:
         work.wait()
         return
+    start = time.perf_counter()
     try:
         completed = work.wait(timedelta(seconds=timeout))
     except RuntimeError as error:
+        waited = time.perf_counter() - start
+        if waited < 0.9 * timeout:  # the peer's connection broke before the timeout
+            raise ExchangeTimeoutError(f"{label}: failed after {waited:.1f}s, before the {timeout:g}s timeout "
+                                       f"({error})") from error
         raise ExchangeTimeoutError(f"{label}: not complete after {timeout:g}s ({error})") from error
     if completed is False:
         raise ExchangeTimeoutError(f"{label}: not complete after {timeout:g}s")

@@ -34,6 +34,9 @@ class TowerParallel(nn.Module):
                              f"(tower {groups.tower} of {groups.topology.towers})")
         self.tower, self.groups, self.microbatches = tower, groups, microbatches
         self.exchange_timeout = exchange_timeout
+        # The training step named in exchange errors; forward_backward() counts it, and a trainer
+        # may set it (to the global step, so the numbering survives a restart).
+        self.step = 0
         self.overlap_grad_sync = overlap_grad_sync  # False: all-reduce only in sync_gradients() (for measuring)
         self._pending_sync: list[mappings.PendingAllReduce] = []
         self.reset_stats()
@@ -93,7 +96,8 @@ class TowerParallel(nn.Module):
                     x = self._waited(pending[m]).detach().requires_grad_(True)
                 inputs[s][m] = x
                 outputs[s][m] = out = self.tower.stage(s, x)
-                pending[m] = mappings.start_gather(out.detach(), group, EXCHANGE_DIM, f"{tag[s]} forward mb {m}")
+                pending[m] = mappings.start_gather(out.detach(), group, EXCHANGE_DIM,
+                                                   f"{tag[s]} forward mb {m} step {self.step}")
         losses, logits = [], []
         for m in range(len(xs)):
             full = self._waited(pending[m]).detach().requires_grad_(True)
@@ -110,10 +114,11 @@ class TowerParallel(nn.Module):
                 outputs[s][m] = None
                 if s > 0:
                     pending[m] = mappings.start_reduce_scatter(
-                        inputs[s][m].grad, group, EXCHANGE_DIM, f"{tag[s - 1]} backward mb {m}")
+                        inputs[s][m].grad, group, EXCHANGE_DIM, f"{tag[s - 1]} backward mb {m} step {self.step}")
                     inputs[s][m] = None
             if self.overlap_grad_sync:
                 self._launch_grad_sync(s)
+        self.step += 1
         return torch.stack(losses).sum(), torch.cat(logits)
 
     # ---- data-parallel gradient sync ----
@@ -126,7 +131,7 @@ class TowerParallel(nn.Module):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        pending = mappings.start_gradient_average(grads, group, f"grad sync stage {stage}")
+        pending = mappings.start_gradient_average(grads, group, f"grad sync stage {stage} step {self.step}")
         self._stats["grad_sync_s"] += pending.seconds
         pending.seconds = 0.0
         self._pending_sync.append(pending)

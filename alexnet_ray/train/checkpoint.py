@@ -14,14 +14,19 @@ plain dict of tensors and plain data, readable with `torch.load(..., weights_onl
     preprocessing  {"stored_size", "image_size", "mean", "std"}
 
 Files are written to a temporary name and renamed, and the checksum is written last, so a crash
-never leaves a checkpoint that passes verification but is incomplete.
+never leaves a checkpoint that passes verification but is incomplete. A resumed run loads the
+newest checkpoint_epoch_* directory of its run directory that passes (`load_newest_good_checkpoint`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import posixpath
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,11 @@ FORMAT = "alexnet-ray/1"
 WEIGHTS_FILE = "checkpoint.pt"
 CHECKSUM_FILE = "checkpoint.sha256"
 REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "config")
+# The trainer's checkpoint directory names (a _retry suffix after resuming past a corrupt one):
+# sorted by name, newest last.
+CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_\d+(_retry\d+)?")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -104,6 +114,50 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
     if missing:
         raise CheckpointError(f"checkpoint {weights} lacks {missing}")
     return state
+
+
+def checkpoint_dirs(run_dir: str, filesystem=None) -> list[str]:
+    """The checkpoint_epoch_* directories of a run directory (on a pyarrow `filesystem`, default
+    local), newest first; [] when there are none."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(str(run_dir), allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(i.base_name)]
+    return [posixpath.join(str(run_dir), n) for n in sorted(names, reverse=True)]
+
+
+def _load_from(fs, path: str) -> dict[str, Any]:
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        return load_checkpoint(path)
+    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-download-") as local:
+        try:
+            pafs.copy_files(path, local, source_filesystem=fs)
+        except (OSError, pafs.ArrowException) as e:
+            raise CheckpointError(f"cannot download checkpoint {path}: {e}") from None
+        return load_checkpoint(local)
+
+
+def load_newest_good_checkpoint(candidates: list[str], filesystem=None) -> tuple[dict[str, Any], str]:
+    """Load the first of `candidates` (checkpoint directories, newest first) that passes its
+    checksum and reads as a checkpoint, logging a warning for every one skipped. Returns
+    (state, the path loaded); raises CheckpointError naming each candidate's problem when none is good."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    problems = []
+    for candidate in candidates:
+        try:
+            state = _load_from(fs, str(candidate))
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            logger.warning("resuming from the older checkpoint %s; skipped: %s", candidate, "; ".join(problems))
+        return state, str(candidate)
+    raise CheckpointError(f"no good checkpoint to resume from ({len(problems)} tried): " + "; ".join(problems))
 
 
 def describe(state: dict[str, Any]) -> str:

@@ -18,8 +18,8 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from alexnet_ray.train import fault_injection, tensorboard
 from alexnet_ray.train.config import Config, copy_config, validate_config
-from alexnet_ray.train import tensorboard
 from alexnet_ray.train.metrics import write_metrics_file
 from alexnet_ray.train.worker import train_worker
 
@@ -34,9 +34,9 @@ class MetricsFiles(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and "epoch" in metrics[0]:
-            placement = ("world_rank", "node_id", "replica", "tower")
-            record = {k: v for k, v in metrics[0].items() if k not in placement}
-            record["workers"] = [{k: m.get(k) for k in placement} for m in metrics]
+            per_worker = ("world_rank", "node_id", "replica", "tower", "rss_mb")
+            record = {k: v for k, v in metrics[0].items() if k not in per_worker}
+            record["workers"] = [{k: m.get(k) for k in per_worker} for m in metrics]
             write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), record)
             tensorboard.log_epoch(self.run_dir, record)
 
@@ -75,9 +75,11 @@ class Trainer:
             ray.init(address=self.address)
             return
         # Local cluster: logical CPUs beyond the cores, so Ray Data tasks run beside the workers.
+        # address="local": always a cluster of our own (never one found in /tmp/ray), whose
+        # processes die with this driver (Ray's fate-sharing), so a restarted driver starts clean.
         p = self.config.parallel
         needed = p.towers * p.replicas * self.cpus_per_worker + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed) + 2, include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + 2, include_dashboard=False)
 
     @property
     def cpus_per_worker(self) -> float:
@@ -113,12 +115,15 @@ class Trainer:
         use_gpu = self._use_gpu()
         name, storage = self.run_name(), self.storage_path()
         run_dir = f"{storage.rstrip('/')}/{name}"
+        loop_config = {"config": config.to_dict(), "base_lr": config.effective_lr()}
+        loop = train_worker
+        fault_plan = fault_injection.plan_from_environment()  # tests only; None in normal runs
+        if fault_plan:
+            loop_config[fault_injection.LOOP_CONFIG_KEY] = fault_plan
+            loop = fault_injection.train_worker_with_faults(train_worker)
         trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "config": config.to_dict(),
-                "base_lr": config.effective_lr(),
-            },
+            loop,
+            train_loop_config=loop_config,
             scaling_config=ScalingConfig(
                 num_workers=p.towers * p.replicas,
                 use_gpu=use_gpu,

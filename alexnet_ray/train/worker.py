@@ -10,9 +10,13 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import os
+import posixpath
+import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,7 +33,8 @@ from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.model import AlexNet, Tower, merge_state_dicts, split_state_dict
 from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
-from alexnet_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from alexnet_ray.train import fault_injection
+from alexnet_ray.train.checkpoint import checkpoint_dirs, load_checkpoint, load_newest_good_checkpoint, save_checkpoint
 from alexnet_ray.train.config import Config
 from alexnet_ray.train.device_batch import as_tensor, to_model_input
 from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
@@ -80,15 +85,52 @@ def _load_momentum(tower: torch.nn.Module, optimizer: torch.optim.SGD, buffers: 
 
 
 def _load_resume_state(config: Config) -> dict | None:
-    """Ray's latest checkpoint (after a worker failure, or a re-run of the same name), else an
-    explicit `run.resume_from` checkpoint (which may come from another layout), else None."""
+    """The newest good checkpoint of this run, else an explicit `run.resume_from` checkpoint (which
+    may come from another layout), else None.
+
+    This run's checkpoints: Ray's latest (after a worker failure, or a re-run of the same name) and
+    every checkpoint_epoch_* in the run directory, newest first. The run directory may hold a newer
+    one than Ray's latest (uploaded, but its report died with the worker before the controller took
+    it) or Ray's latest may be corrupt: the first that passes its checksum wins.
+    """
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as directory:
-            return load_checkpoint(directory)
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    candidates = checkpoint_dirs(storage.experiment_fs_path, fs)
+    if ckpt is not None and ckpt.path not in candidates:
+        candidates.insert(0, ckpt.path)
+    if candidates:
+        return load_newest_good_checkpoint(candidates, fs)[0]
     if config.run.resume_from:
         return load_checkpoint(config.run.resume_from)
     return None
+
+
+CHECKPOINT_TMP_PREFIX = "alexnet-ckpt-"  # + writer's pid: a checkpoint being written before its upload
+
+
+def _remove_stale_checkpoint_dirs() -> None:
+    """Remove temporary checkpoint directories whose writer is gone (killed before it cleaned up)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_TMP_PREFIX}*-*"):
+        pid = path.name[len(CHECKPOINT_TMP_PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _checkpoint_dir_name(epoch: int) -> str:
+    """checkpoint_epoch_NNNN, or with a _retry suffix when the name exists already (a corrupt or
+    never-registered one from before a restart): Ray's retention would otherwise delete the old
+    entry's directory, which would then be the new checkpoint."""
+    name = f"checkpoint_epoch_{epoch:04d}"
+    storage = ray.train.get_context().get_storage()
+    taken = {posixpath.basename(p) for p in checkpoint_dirs(storage.experiment_fs_path, storage.storage_filesystem)}
+    return name if name not in taken else f"{name}_retry{int(time.time())}"
 
 
 def setup_worker(loop_config: dict) -> WorkerState:
@@ -157,6 +199,15 @@ def _quiet_ray_logs() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
+def resident_memory_mb() -> float | None:
+    """This process's resident set size in MiB (Linux /proc; None elsewhere), reported every epoch."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _placement(groups) -> dict:
     """Where this worker runs, reported every epoch so placement can be checked from the metrics."""
     return {"node_id": ray.get_runtime_context().get_node_id(), "world_rank": ray.train.get_context().get_world_rank(),
@@ -191,6 +242,7 @@ def train_worker(loop_config: dict) -> None:
         batches = _replica_batches(source, groups, device)
         step = 0
         while True:
+            fault_injection.point("step", epoch, step)
             t0 = time.perf_counter()
             item = next(batches, None)
             t1 = time.perf_counter()
@@ -200,6 +252,8 @@ def train_worker(loop_config: dict) -> None:
             images, labels, lighting = item
             x = to_model_input(images, lighting if lighting.numel() else None, mean, std, device,
                                channels_last=device.type == "cuda")
+            fault_injection.point("exchange", epoch, step)
+            w.model.step = epoch * train_loader.batches_per_epoch + step  # named in exchange errors
             with autocast:
                 loss, logits = w.model.forward_backward(x, labels)
             w.model.sync_gradients()
@@ -207,6 +261,7 @@ def train_worker(loop_config: dict) -> None:
             w.optimizer.zero_grad(set_to_none=True)
             meter.compute_s += time.perf_counter() - t1
             meter.add_batch(float(loss), logits.float(), labels)
+            fault_injection.step_done(epoch, step)
             step += 1
             progress.update(epoch, step, meter.loss_sum / max(1, meter.images), meter.images * config.parallel.replicas,
                             time.perf_counter() - meter.started)
@@ -233,6 +288,7 @@ def train_worker(loop_config: dict) -> None:
             "images_per_s": train["images"] / elapsed if elapsed > 0 else 0.0,
             "lr": lr,
             "epoch_s": elapsed,
+            "rss_mb": resident_memory_mb(),
             **time_shares(meter),
             **_placement(groups),
         }
@@ -293,7 +349,9 @@ def _report(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> N
         "preprocessing": {"stored_size": manifest.size, "image_size": w.config.model.image_size,
                           "mean": list(manifest.mean), "std": list(manifest.std)},
     }
-    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+    _remove_stale_checkpoint_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_TMP_PREFIX}{os.getpid()}-") as tmp:
         save_checkpoint(tmp, state)
+        fault_injection.point("checkpoint", epoch)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+                         checkpoint_dir_name=_checkpoint_dir_name(epoch + 1))
