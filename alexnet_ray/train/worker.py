@@ -74,7 +74,7 @@ def _momentum_by_name(tower: torch.nn.Module, optimizer: torch.optim.SGD) -> dic
     for name, param in tower.named_parameters():
         buf = optimizer.state.get(param, {}).get("momentum_buffer")
         if buf is not None:
-            buffers[name] = buf.detach().cpu()
+            buffers[name] = buf.detach()
     return buffers
 
 
@@ -325,20 +325,25 @@ def evaluate(model: TowerParallel, data_dir: str, config: Config, groups, device
     return error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group).cpu())
 
 
+def _to_cpu(state: dict) -> dict:
+    return {k: v.cpu() for k, v in state.items()}
+
+
 def _report(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> None:
     """Every worker reports (Ray's barrier); replica 0's tower 0 assembles and writes the checkpoint."""
     tower = w.model.tower
     if w.groups.replica != 0:  # replicas hold identical weights; replica 0's pair assembles them
         ray.train.report(metrics, checkpoint=None)
         return
-    weights = gather_tower_state_dicts({k: v.detach().cpu() for k, v in tower.state_dict().items()}, w.groups)
+    # Gathered where they live: NCCL moves only CUDA tensors. Merged copies go to the CPU.
+    weights = gather_tower_state_dicts({k: v.detach() for k, v in tower.state_dict().items()}, w.groups)
     momentum = gather_tower_state_dicts(_momentum_by_name(tower, w.optimizer), w.groups)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     state = {
-        "model": merge_state_dicts(weights),
-        "optimizer": {"momentum_buffer": merge_state_dicts(momentum) if momentum[0] else {},
+        "model": _to_cpu(merge_state_dicts(weights)),
+        "optimizer": {"momentum_buffer": _to_cpu(merge_state_dicts(momentum)) if momentum[0] else {},
                       "lr": metrics["lr"]},
         "epoch": epoch + 1,
         "scheduler": w.schedule.state_dict(),
