@@ -55,6 +55,29 @@ def test_train_crop_and_flip_pixels():
     assert 0 < flips.sum() < 64
 
 
+def test_stored_jpegs_decode_to_the_same_pixels_as_pil():
+    """The loaders decode JPEGs with libjpeg-turbo straight into numpy; the pixels must be PIL's."""
+    rng = np.random.default_rng(5)
+    stored = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(16)]
+    jpegs = []
+    for pixels in stored:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        jpegs.append(memoryview(buffer.getvalue()))  # ShardIndex.read hands out memoryviews
+    ids = np.arange(16)
+    images, _ = augment_train(jpegs, ids, seed=2, epoch=3, image_size=40, eigval=EIGVAL, eigvec=EIGVEC)
+    ys, xs, flips, _ = train_params(2, 3, ids, 48, 40)
+    for i, data in enumerate(jpegs):
+        with Image.open(io.BytesIO(data)) as image:
+            pil = np.asarray(image.convert("RGB"))
+        crop = pil[ys[i]:ys[i] + 40, xs[i]:xs[i] + 40]
+        np.testing.assert_array_equal(images[i], crop[:, ::-1] if flips[i] else crop)
+    assert 0 < flips.sum() < 16
+    centre = augment_eval(jpegs[:2], image_size=40)
+    with Image.open(io.BytesIO(jpegs[1])) as image:
+        np.testing.assert_array_equal(centre[1], np.asarray(image.convert("RGB"))[4:44, 4:44])
+
+
 def test_same_seed_epoch_row_gives_same_augmentation_in_any_batch():
     stored = np.random.default_rng(0).integers(0, 256, (36, 36, 3), dtype=np.uint8)
     jpegs = [_png_bytes(stored)] * 10

@@ -50,8 +50,9 @@ class ShardIndex:
     def unit_of(self, row_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.unit_start, row_ids, side="right") - 1
 
-    def read(self, row_ids: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        """JPEG bytes and labels of `row_ids`, in that order; each needed row group is read once."""
+    def read(self, row_ids: np.ndarray) -> tuple[list[memoryview], np.ndarray]:
+        """JPEG bytes (zero-copy views of the read row groups) and labels of `row_ids`, in that
+        order; each needed row group is read once."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
         units = self.unit_of(row_ids)
         jpegs: list = [None] * len(row_ids)
@@ -61,13 +62,23 @@ class ShardIndex:
             f = int(self.unit_file[unit])
             if f not in open_files:
                 open_files[f] = pq.ParquetFile(self.files[f])
-            table = open_files[f].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"])
+            # One thread: loader tasks already run one per CPU; Arrow's pool would only add to that.
+            table = open_files[f].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"],
+                                                 use_threads=False)
             where = np.nonzero(units == unit)[0]
             offsets = row_ids[where] - self.unit_start[unit]
-            values = table.column("jpeg").take(pa.array(offsets)).to_pylist()
-            for i, value in zip(where, values):
+            for i, value in zip(where.tolist(), _binary_values(table.column("jpeg"), offsets)):
                 jpegs[i] = value
             labels[where] = table.column("label").to_numpy()[offsets]
         for file in open_files.values():
             file.close()
         return jpegs, labels
+
+
+def _binary_values(column: pa.ChunkedArray, rows: np.ndarray) -> list[memoryview]:
+    """Values `rows` of a binary column as memoryviews of its data buffer (no bytes objects made)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    _, offsets_buffer, data = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[array.offset: array.offset + len(array) + 1]
+    view = memoryview(data).cast("B")  # pyarrow exports signed chars; decoders want unsigned
+    return [view[offsets[r]: offsets[r + 1]] for r in rows.tolist()]
