@@ -216,6 +216,10 @@ class TrainLoader:
     def batches_per_epoch(self) -> int:
         return len(self._plan[0])
 
+    def batch_sizes(self, replica: int) -> list[int]:
+        """Rows in each of replica `replica`'s batches, the same every epoch."""
+        return list(self._plan[replica])
+
     def replica_rows(self, epoch: int, replica: int) -> np.ndarray:
         """Global row ids replica `replica` trains on in `epoch`, in order."""
         if not 0 <= replica < self.replicas:

@@ -234,6 +234,33 @@ def broadcast_from_tower0(tensors: list[Tensor], groups) -> list[Tensor]:
     return result
 
 
+@dataclass
+class PendingBroadcast:
+    """Tensors being broadcast from tower 0 of the pair; `wait()` returns them once they have arrived."""
+
+    tensors: list[Tensor]
+    works: list = field(default_factory=list)
+    label: str = "broadcast"
+
+    def wait(self, timeout: float | None = None) -> list[Tensor]:
+        for work in self.works:
+            _wait(work, self.label, timeout)
+        self.works = []
+        return self.tensors
+
+
+def start_broadcast_from_tower0(tensors: list[Tensor], groups, label: str = "batch") -> PendingBroadcast:
+    """forward: tower 0's tensors into its partners' `tensors` (preallocated, same shapes and dtypes,
+    so nothing but the data travels), asynchronously; backward: none (data, not activations).
+    Issue the next batch's broadcast before computing on this one and the transfer overlaps the step."""
+    group = groups.pair_group
+    if group_size(group) == 1:
+        return PendingBroadcast(list(tensors))
+    src = groups.pair_ranks[0]
+    works = [dist.broadcast(t, src, group=group, async_op=True) for t in tensors]
+    return PendingBroadcast(list(tensors), works, f"{label}: broadcast from rank {src}")
+
+
 def gather_tower_state_dicts(state_dict: dict[str, Tensor], groups) -> list[dict[str, Tensor]] | None:
     """On tower 0: [tower 0's dict, tower 1's dict, ...]; None elsewhere. Towers hold equal-shaped halves,
     so tower 0 receives into tensors shaped like its own; names and shapes are checked first."""

@@ -34,6 +34,7 @@ from alexnet_ray.model import AlexNet, Tower, merge_state_dicts, split_state_dic
 from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
 from alexnet_ray.train import fault_injection
+from alexnet_ray.train.batch_feed import EarlyStart, training_batches
 from alexnet_ray.train.checkpoint import checkpoint_dirs, load_checkpoint, load_newest_good_checkpoint, save_checkpoint
 from alexnet_ray.train.config import Config
 from alexnet_ray.train.device_batch import as_tensor, to_model_input
@@ -231,6 +232,8 @@ def train_worker(loop_config: dict) -> None:
     progress = Progress(config.run.epochs, train_loader.batches_per_epoch, config.run.progress_interval_s, rank == 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
+    sizes = train_loader.batch_sizes(groups.replica)
+    early = None  # tower 0: the next epoch's loader, started before this epoch's evaluation
     for epoch in range(w.start_epoch, config.run.epochs):
         lr = w.schedule.lr(epoch)
         for group in w.optimizer.param_groups:
@@ -238,8 +241,10 @@ def train_worker(loop_config: dict) -> None:
         w.model.train()
         w.model.reset_stats()
         meter = EpochMeter()
-        source = train_loader.iter_epoch(epoch, groups.replica) if groups.tower == 0 else None
-        batches = _replica_batches(source, groups, device)
+        source = None
+        if groups.tower == 0:
+            source = iter(early) if early is not None else train_loader.iter_epoch(epoch, groups.replica)
+        batches = training_batches(source, sizes, config.model.image_size, groups, device)
         step = 0
         while True:
             fault_injection.point("step", epoch, step)
@@ -250,8 +255,7 @@ def train_worker(loop_config: dict) -> None:
             if item is None:
                 break
             images, labels, lighting = item
-            x = to_model_input(images, lighting if lighting.numel() else None, mean, std, device,
-                               channels_last=device.type == "cuda")
+            x = to_model_input(images, lighting, mean, std, device, channels_last=device.type == "cuda")
             fault_injection.point("exchange", epoch, step)
             w.model.step = epoch * train_loader.batches_per_epoch + step  # named in exchange errors
             with autocast:
@@ -268,6 +272,8 @@ def train_worker(loop_config: dict) -> None:
         stats = w.model.stats
         meter.exchange_s, meter.grad_sync_s = stats["exchange_s"], stats["grad_sync_s"]
         elapsed = time.perf_counter() - meter.started
+        if groups.tower == 0 and epoch + 1 < config.run.epochs:
+            early = EarlyStart(train_loader.iter_epoch(epoch + 1, groups.replica))
         train = error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group).cpu())
 
         final = epoch == config.run.epochs - 1
