@@ -193,3 +193,13 @@ def test_command_line_options(tmp_path):
     assert config_from_args(parser.parse_args([])) == load_config("demo")
     with pytest.raises(ConfigError, match="data.path=.*nowhere: directory does not exist"):
         config_from_args(parser.parse_args(["--preset", "tiny", "--data", str(tmp_path / "nowhere")]))
+
+
+def test_local_cluster_cpus_are_whole_and_cover_the_workers():
+    from alexnet_ray.train.trainer import local_cluster_cpus
+
+    one_tower = load_config("tiny", overrides=["parallel.towers=1"])  # 1 x 0.5 CPU: Ray takes whole numbers only
+    assert local_cluster_cpus(one_tower, cores=2) == 5
+    assert local_cluster_cpus(one_tower, cores=16) == 18
+    big = load_config("tiny", overrides=["parallel.replicas=4", "parallel.cpus_per_worker=1.5", "data.batch_size=32"])
+    assert local_cluster_cpus(big, cores=2) == 16  # ceil(2 * 4 * 1.5) + 2 + 2

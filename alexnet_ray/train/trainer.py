@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -60,6 +61,14 @@ def demo_dataset_dir(image_size: int, cache: Path = DEMO_CACHE, seed: int = 0) -
     return prepared
 
 
+def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
+    """Logical CPUs of the local cluster Trainer starts: the workers' share plus room for Ray Data
+    tasks, and never fewer than the cores (plus 2). Ray takes whole numbers only."""
+    p = config.parallel
+    needed = math.ceil(p.towers * p.replicas * float(p.cpus_per_worker)) + 2
+    return max(cores or os.cpu_count() or 1, needed) + 2
+
+
 class Trainer:
     """Trains the configured AlexNet with one Ray Train worker per tower per replica."""
 
@@ -77,9 +86,7 @@ class Trainer:
         # Local cluster: logical CPUs beyond the cores, so Ray Data tasks run beside the workers.
         # address="local": always a cluster of our own (never one found in /tmp/ray), whose
         # processes die with this driver (Ray's fate-sharing), so a restarted driver starts clean.
-        p = self.config.parallel
-        needed = p.towers * p.replicas * self.cpus_per_worker + 2
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + 2, include_dashboard=False)
+        ray.init(address="local", num_cpus=local_cluster_cpus(self.config), include_dashboard=False)
 
     @property
     def cpus_per_worker(self) -> float:
