@@ -10,9 +10,9 @@ at least 1), the same step (to_model_input, forward_backward, sync_gradients, SG
 
   (a) Ray: `Trainer(config).fit()`. Images/s = training images / training time of the epochs after
       the first, from the per-epoch metrics files (worker.py's `images_per_s`: the clock runs from
-      before the epoch's Ray Data execution starts to after its last step, so it includes waiting
-      for data, the epoch's pipeline start-up and the batch broadcast to tower 1, not evaluation
-      or checkpoints).
+      the epoch's first request for a batch to after its last step, so it includes waiting for
+      data and the batch broadcast to tower 1, not evaluation or checkpoints; the next epoch's
+      Ray Data execution starts before this epoch's evaluation, so its start-up overlaps that).
   (b) Plain: 2 processes (torch.multiprocessing.spawn, gloo) over the same Tower/TowerParallel,
       each holding every batch of every epoch in memory, decoded and augmented beforehand with the
       pipeline's own functions (so the pixels are identical). Timed the same way, epochs after the
