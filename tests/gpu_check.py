@@ -209,9 +209,14 @@ def check_trainer(dry_run: bool) -> dict:
     check("Trainer.fit() on the device trains", m["train_loss"] < 2.2 and m["val_top1_error"] < 0.9,
           f"train loss {m['train_loss']:.3f}, val top-1 error {m['val_top1_error']:.3f}")
     state = load_checkpoint(result.checkpoint.path)
-    model = AlexNet(**state["config"]["model"])
-    model.load_state_dict(state["model"])
-    check("its checkpoint loads into AlexNet on the CPU", True, result.checkpoint.path)
+    model = AlexNet(**state["config"]["model"]).eval()
+    keys = model.load_state_dict(state["model"])
+    size = state["config"]["model"]["image_size"]
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    check("its checkpoint loads into AlexNet on the CPU and predicts",
+          not keys.missing_keys and not keys.unexpected_keys and bool(torch.isfinite(logits).all())
+          and logits.shape == (2, state["config"]["model"]["num_classes"]), result.checkpoint.path)
     return {"trainer_wall_s": round(wall, 1), "trainer_metrics": {k: m[k] for k in
             ("train_loss", "val_top1_error", "images_per_s", "share_data", "share_compute") if k in m}}
 

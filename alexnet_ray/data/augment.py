@@ -64,13 +64,10 @@ _JPEG_MAGIC = b"\xff\xd8"
 _PIXEL = np.dtype((np.void, 3))
 
 
-def decode(data) -> np.ndarray:
-    """Stored image bytes (bytes, memoryview or uint8 array) -> a new uint8 (H, W, 3) RGB array."""
-    return _Decoder()(data).copy()
-
-
 class _Decoder:
-    """Decodes a batch's images one after another into one reused buffer: the array it returns
+    """Stored image bytes (bytes, memoryview or uint8 array) -> uint8 (H, W, 3) RGB.
+
+    Decodes a batch's images one after another into one reused buffer: the array it returns
     is overwritten by the next call. JPEGs go straight from libjpeg-turbo into numpy
     (simplejpeg): the same pixels as PIL, whose Image object and copy out to numpy cost about as
     much again as the decode itself, as does a fresh 192 kB array per image (an mmap and its page
@@ -112,11 +109,10 @@ def augment_train(
     if n == 0:
         return images, np.zeros((0, 3), np.float32)
     decode_next = _Decoder()
-    ys = xs = flips = alphas = None
+    pixels = decode_next(jpegs[0])
+    ys, xs, flips, alphas = train_params(seed, epoch, row_ids, pixels.shape[0], image_size)
     for i in range(n):
-        pixels = decode_next(jpegs[i])
-        if i == 0:
-            ys, xs, flips, alphas = train_params(seed, epoch, row_ids, pixels.shape[0], image_size)
+        pixels = pixels if i == 0 else decode_next(jpegs[i])
         _crop_into(images[i], pixels, int(ys[i]), int(xs[i]), bool(flips[i]))
     if pca_lighting:
         lighting = lighting_offsets(alphas, eigval, eigvec)

@@ -79,6 +79,7 @@ def _binary_values(column: pa.ChunkedArray, rows: np.ndarray) -> list[memoryview
     """Values `rows` of a binary column as memoryviews of its data buffer (no bytes objects made)."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     _, offsets_buffer, data = array.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[array.offset: array.offset + len(array) + 1]
+    offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[array.offset: array.offset + len(array) + 1]
     view = memoryview(data).cast("B")  # pyarrow exports signed chars; decoders want unsigned
     return [view[offsets[r]: offsets[r + 1]] for r in rows.tolist()]

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -169,17 +168,16 @@ def setup_worker(loop_config: dict) -> WorkerState:
     return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch)
 
 
-def _replica_batches(source: Iterator[dict] | None, groups, device) -> Iterator[list[torch.Tensor]]:
-    """Tower 0 of each replica reads the batch; its partner receives the identical batch over the
-    pair group. An empty broadcast marks the end of the stream."""
+def _eval_batches(source: Iterator[dict] | None, groups, device) -> Iterator[list[torch.Tensor]]:
+    """[images, labels] of each evaluation batch on every tower of the replica: tower 0 reads it,
+    its partner receives it over the pair group (shapes travel too: ten-crop batches and the last
+    batch differ). An empty broadcast marks the end. Training batches: batch_feed.training_batches."""
     while True:
         tensors = []
         if groups.tower == 0:
             batch = next(source, None)
             if batch is not None:
-                lighting = batch.get("lighting")
-                tensors = [as_tensor(batch["images"]).to(device), as_tensor(batch["labels"]).to(device),
-                           as_tensor(lighting if lighting is not None else np.zeros(0, np.float32)).to(device)]
+                tensors = [as_tensor(batch["images"]).to(device), as_tensor(batch["labels"]).to(device)]
         received = broadcast_from_tower0(tensors, groups)
         if not received:
             return
@@ -317,7 +315,7 @@ def evaluate(model: TowerParallel, data_dir: str, config: Config, groups, device
     meter = EpochMeter()
     source = loader.iter(groups.replica) if groups.tower == 0 else None
     with torch.no_grad():
-        for images, labels, _ in _replica_batches(source, groups, device):
+        for images, labels in _eval_batches(source, groups, device):
             if ten_crop:
                 n, crops = images.shape[:2]
                 x = to_model_input(images.flatten(0, 1), None, mean, std, device)
