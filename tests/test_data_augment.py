@@ -39,19 +39,21 @@ def test_train_crops_stay_inside_and_flip_about_half():
     assert abs(alphas.std() - LIGHTING_STD) < 0.01 and abs(alphas.mean()) < 0.01
 
 
-def test_train_crop_and_flip_pixels():
+@pytest.mark.parametrize("size", [32, 31])  # mirrored rows as 8-byte words, and byte by byte
+def test_train_crop_and_flip_pixels(size):
     stored = _coordinate_image(40)
     jpegs = [_png_bytes(stored)] * 64
     ids = np.arange(64)
-    images, lighting = augment_train(jpegs, ids, seed=1, epoch=0, image_size=32, eigval=EIGVAL, eigvec=EIGVEC)
-    ys, xs, flips, _ = train_params(1, 0, ids, 40, 32)
-    assert images.shape == (64, 32, 32, 3) and images.dtype == np.uint8 and lighting.shape == (64, 3)
+    images, lighting = augment_train(jpegs, ids, seed=1, epoch=0, image_size=size, eigval=EIGVAL, eigvec=EIGVEC)
+    ys, xs, flips, _ = train_params(1, 0, ids, 40, size)
+    assert images.shape == (64, size, size, 3) and images.dtype == np.uint8 and lighting.shape == (64, 3)
     for i in range(64):
         rows = images[i, :, 0, 1]
-        assert list(rows) == list(range(ys[i], ys[i] + 32))
+        assert list(rows) == list(range(ys[i], ys[i] + size))
         columns = list(images[i, 0, :, 0])
-        expected = list(range(xs[i], xs[i] + 32))
+        expected = list(range(xs[i], xs[i] + size))
         assert columns == (expected[::-1] if flips[i] else expected)
+        assert (images[i, :, :, 2] == 7).all()
     assert 0 < flips.sum() < 64
 
 
@@ -65,17 +67,24 @@ def test_stored_jpegs_decode_to_the_same_pixels_as_pil():
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         jpegs.append(memoryview(buffer.getvalue()))  # ShardIndex.read hands out memoryviews
     ids = np.arange(16)
-    images, _ = augment_train(jpegs, ids, seed=2, epoch=3, image_size=40, eigval=EIGVAL, eigvec=EIGVEC)
-    ys, xs, flips, _ = train_params(2, 3, ids, 48, 40)
-    for i, data in enumerate(jpegs):
+    pil = []
+    for data in jpegs:
         with Image.open(io.BytesIO(data)) as image:
-            pil = np.asarray(image.convert("RGB"))
-        crop = pil[ys[i]:ys[i] + 40, xs[i]:xs[i] + 40]
-        np.testing.assert_array_equal(images[i], crop[:, ::-1] if flips[i] else crop)
-    assert 0 < flips.sum() < 16
+            pil.append(np.asarray(image.convert("RGB")))
+    # Mirrored crops move rows as 8-, 4-, 2- or 1-byte words, whichever divides 3 * size.
+    for size in (40, 44, 38, 41):
+        images, _ = augment_train(jpegs, ids, seed=2, epoch=3, image_size=size, eigval=EIGVAL, eigvec=EIGVEC)
+        ys, xs, flips, _ = train_params(2, 3, ids, 48, size)
+        for i in range(16):
+            crop = pil[i][ys[i]:ys[i] + size, xs[i]:xs[i] + size]
+            np.testing.assert_array_equal(images[i], crop[:, ::-1] if flips[i] else crop)
+        assert 0 < flips.sum() < 16
     centre = augment_eval(jpegs[:2], image_size=40)
-    with Image.open(io.BytesIO(jpegs[1])) as image:
-        np.testing.assert_array_equal(centre[1], np.asarray(image.convert("RGB"))[4:44, 4:44])
+    np.testing.assert_array_equal(centre[1], pil[1][4:44, 4:44])
+    ten = augment_eval(jpegs[:2], image_size=44, ten_crop=True)
+    for k, (y, x) in enumerate(ten_crop_offsets(48, 44)):
+        np.testing.assert_array_equal(ten[1, k], pil[1][y:y + 44, x:x + 44])
+        np.testing.assert_array_equal(ten[1, k + 5], pil[1][y:y + 44, x:x + 44][:, ::-1])
 
 
 def test_same_seed_epoch_row_gives_same_augmentation_in_any_batch():

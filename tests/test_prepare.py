@@ -84,6 +84,10 @@ def test_folder_layout_manifest_statistics_match_numpy(ray_cluster, tmp_path):
     assert manifest.splits["train"]["images"] == 16 and manifest.splits["val"]["images"] == 4
     assert len(manifest.splits["train"]["shards"]) > 1  # shard_mb honoured
     assert load_manifest(tmp_path / "out").to_dict() == manifest.to_dict()
+    for shard in manifest.splits["train"]["shards"]:  # JPEG bytes stored plain: read without a copy
+        jpeg = pq.ParquetFile(tmp_path / "out" / shard["file"]).metadata.row_group(0).column(0)
+        assert jpeg.path_in_schema == "jpeg" and jpeg.compression == "UNCOMPRESSED"
+        assert not any("DICTIONARY" in encoding for encoding in jpeg.encodings), jpeg.encodings
 
     rows = _rows(tmp_path / "out", manifest, "train")
     assert sorted(Path(r["path"]).name for r in rows) == sorted(f"{i}.{e}" for i in range(4)

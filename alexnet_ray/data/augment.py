@@ -61,11 +61,25 @@ def lighting_offsets(alphas: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray)
 
 
 _JPEG_MAGIC = b"\xff\xd8"
-_PIXEL = np.dtype((np.void, 3))
+
+
+def _is_jpeg(data) -> bool:
+    return bytes(data[:2]) == _JPEG_MAGIC
+
+
+def stored_height(data) -> int:
+    """Rows of a stored image, from its header alone."""
+    if _is_jpeg(data):
+        try:
+            return simplejpeg.decode_jpeg_header(data)[0]
+        except ValueError:
+            pass
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size[1]
 
 
 class _Decoder:
-    """Stored image bytes (bytes, memoryview or uint8 array) -> uint8 (H, W, 3) RGB.
+    """Stored image bytes (bytes, memoryview or uint8 array) -> uint8 (H, W, 3), RGB or BGR.
 
     Decodes a batch's images one after another into one reused buffer: the array it returns
     is overwritten by the next call. JPEGs go straight from libjpeg-turbo into numpy
@@ -76,27 +90,40 @@ class _Decoder:
     def __init__(self):
         self._buffer = np.empty(0, np.uint8)
 
-    def __call__(self, data) -> np.ndarray:
-        if bytes(data[:2]) == _JPEG_MAGIC:
+    def __call__(self, data, colorspace: str = "RGB") -> np.ndarray:
+        if _is_jpeg(data):
             try:
                 height, width, _, _ = simplejpeg.decode_jpeg_header(data)
                 if self._buffer.size < height * width * 3:
                     self._buffer = np.empty(height * width * 3, np.uint8)
-                return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=self._buffer)
+                return simplejpeg.decode_jpeg(data, colorspace=colorspace, buffer=self._buffer)
             except ValueError:
                 pass
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        return rgb if colorspace == "RGB" else np.ascontiguousarray(rgb[..., ::-1])
 
 
-def _crop_into(out: np.ndarray, pixels: np.ndarray, y: int, x: int, flip: bool = False) -> None:
-    """out[...] = the (size, size) crop of pixels at (y, x), mirrored left-right if `flip`."""
+def _crop_into(out: np.ndarray, rgb: np.ndarray, y: int, x: int) -> None:
+    """out[...] = the (size, size) crop of an RGB image at (y, x)."""
     size = out.shape[0]
-    crop = pixels[y:y + size, x:x + size]
-    if flip:  # one 3-byte pixel per element: numpy moves whole pixels, not bytes, when mirroring
-        out.view(_PIXEL)[..., 0] = crop.view(_PIXEL)[:, ::-1, 0]
-    else:
-        out[...] = crop
+    out[...] = rgb[y:y + size, x:x + size]
+
+
+def _mirrored_crop_into(out: np.ndarray, bgr: np.ndarray, y: int, x: int) -> None:
+    """out[...] = the (size, size) crop at (y, x), mirrored left-right, in RGB, from the BGR decode.
+
+    A BGR row read backwards byte by byte is the mirrored row in RGB. Reversed as 8-byte words
+    (then byte-swapped), numpy moves a sixth as many elements as when it mirrors 3-byte pixels,
+    which cost half as much as the decode itself."""
+    size = out.shape[0]
+    row_bytes = 3 * size
+    word = np.dtype(f"u{next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)}")
+    rows = bgr[y:y + size, x:x + size].reshape(size, row_bytes).view(word)
+    mirrored = out.reshape(size, row_bytes).view(word)
+    np.copyto(mirrored, rows[:, ::-1])
+    if word.itemsize > 1:
+        mirrored.byteswap(inplace=True)
 
 
 def augment_train(
@@ -108,12 +135,13 @@ def augment_train(
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     if n == 0:
         return images, np.zeros((0, 3), np.float32)
-    decode_next = _Decoder()
-    pixels = decode_next(jpegs[0])
-    ys, xs, flips, alphas = train_params(seed, epoch, row_ids, pixels.shape[0], image_size)
+    ys, xs, flips, alphas = train_params(seed, epoch, row_ids, stored_height(jpegs[0]), image_size)
+    decode = _Decoder()
     for i in range(n):
-        pixels = pixels if i == 0 else decode_next(jpegs[i])
-        _crop_into(images[i], pixels, int(ys[i]), int(xs[i]), bool(flips[i]))
+        if flips[i]:
+            _mirrored_crop_into(images[i], decode(jpegs[i], "BGR"), int(ys[i]), int(xs[i]))
+        else:
+            _crop_into(images[i], decode(jpegs[i]), int(ys[i]), int(xs[i]))
     if pca_lighting:
         lighting = lighting_offsets(alphas, eigval, eigvec)
     else:
@@ -132,14 +160,15 @@ def augment_eval(jpegs, *, image_size: int, ten_crop: bool = False) -> np.ndarra
     n = len(jpegs)
     shape = (n, 10, image_size, image_size, 3) if ten_crop else (n, image_size, image_size, 3)
     images = np.empty(shape, dtype=np.uint8)
-    decode_next = _Decoder()
+    decode, decode_bgr = _Decoder(), _Decoder()
     for i in range(n):
-        pixels = decode_next(jpegs[i])
-        offsets = ten_crop_offsets(pixels.shape[0], image_size)
-        if ten_crop:
+        rgb = decode(jpegs[i])
+        offsets = ten_crop_offsets(rgb.shape[0], image_size)
+        if ten_crop:  # the mirrors from a second, BGR decode: cheaper than mirroring five RGB crops
+            bgr = decode_bgr(jpegs[i], "BGR")
             for k, (y, x) in enumerate(offsets):
-                _crop_into(images[i, k], pixels, y, x)
-                _crop_into(images[i, k + 5], pixels, y, x, flip=True)
+                _crop_into(images[i, k], rgb, y, x)
+                _mirrored_crop_into(images[i, k + 5], bgr, y, x)
         else:
-            _crop_into(images[i], pixels, *offsets[4])
+            _crop_into(images[i], rgb, *offsets[4])
     return images

@@ -76,7 +76,10 @@ class _ShardWriter:
             return
         if self._writer is None:
             name = f"{self.split}-{len(self.shards):05d}.parquet"
-            self._writer = pq.ParquetWriter(self.out / name, SHARD_SCHEMA, compression="none")
+            # JPEG bytes neither compress nor repeat: no codec, and no dictionary for them (a
+            # dictionary page of the first few images, then plain, costs the reader a copy).
+            self._writer = pq.ParquetWriter(self.out / name, SHARD_SCHEMA, compression="none",
+                                            use_dictionary=["label", "class_name"])
             self.shards.append({"file": name, "rows": 0, "row_groups": []})
         columns = list(zip(*self._rows))
         table = pa.Table.from_arrays([pa.array(c, t.type) for c, t in zip(columns, SHARD_SCHEMA)],

@@ -61,7 +61,7 @@ class ShardIndex:
         for unit in np.unique(units):
             f = int(self.unit_file[unit])
             if f not in open_files:
-                open_files[f] = pq.ParquetFile(self.files[f])
+                open_files[f] = pq.ParquetFile(self.files[f], memory_map=True)
             # One thread: loader tasks already run one per CPU; Arrow's pool would only add to that.
             table = open_files[f].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"],
                                                  use_threads=False)
