@@ -145,3 +145,21 @@ def test_to_model_input_normalises_and_applies_lighting():
     assert to_model_input(ten, None, [0, 0, 0], [1, 1, 1], "cpu").shape == (20, 3, 4, 4)
     with pytest.raises(ValueError, match="uint8"):
         to_model_input(images.float(), None, [0, 0, 0], [1, 1, 1], "cpu")
+
+
+def test_decoder_buffer_grows_and_bad_jpegs_raise():
+    rng = np.random.default_rng(9)
+    small, large = (rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for s in (40, 56))
+    jpegs = []
+    for pixels in (small, large):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        jpegs.append(buffer.getvalue())
+    centre = augment_eval(jpegs, image_size=32)  # the second image needs a larger buffer
+    for i, data in enumerate(jpegs):
+        with Image.open(io.BytesIO(data)) as image:
+            pil = np.asarray(image)
+        m = (pil.shape[0] - 32) // 2
+        np.testing.assert_array_equal(centre[i], pil[m:m + 32, m:m + 32])
+    with pytest.raises(OSError):  # a truncated JPEG: simplejpeg refuses it, PIL names the problem
+        augment_eval([jpegs[0][:200]], image_size=32)

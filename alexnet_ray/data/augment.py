@@ -10,6 +10,7 @@ Evaluation: the centre crop, or the paper's ten crops (4 corners + centre, then 
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -92,11 +93,15 @@ class _Decoder:
 
     def __call__(self, data, colorspace: str = "RGB") -> np.ndarray:
         if _is_jpeg(data):
+            try:  # the header is read only when the buffer is too small (or the data is bad)
+                return simplejpeg.decode_jpeg(data, colorspace=colorspace, buffer=self._buffer)
+            except ValueError:
+                pass
             try:
                 height, width, _, _ = simplejpeg.decode_jpeg_header(data)
                 if self._buffer.size < height * width * 3:
                     self._buffer = np.empty(height * width * 3, np.uint8)
-                return simplejpeg.decode_jpeg(data, colorspace=colorspace, buffer=self._buffer)
+                    return simplejpeg.decode_jpeg(data, colorspace=colorspace, buffer=self._buffer)
             except ValueError:
                 pass
         with Image.open(io.BytesIO(data)) as image:
@@ -110,6 +115,12 @@ def _crop_into(out: np.ndarray, rgb: np.ndarray, y: int, x: int) -> None:
     out[...] = rgb[y:y + size, x:x + size]
 
 
+@functools.lru_cache(maxsize=None)
+def _row_word(row_bytes: int) -> np.dtype:
+    """The widest unsigned integer that divides a row."""
+    return np.dtype(f"u{next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)}")
+
+
 def _mirrored_crop_into(out: np.ndarray, bgr: np.ndarray, y: int, x: int) -> None:
     """out[...] = the (size, size) crop at (y, x), mirrored left-right, in RGB, from the BGR decode.
 
@@ -118,7 +129,7 @@ def _mirrored_crop_into(out: np.ndarray, bgr: np.ndarray, y: int, x: int) -> Non
     which cost half as much as the decode itself."""
     size = out.shape[0]
     row_bytes = 3 * size
-    word = np.dtype(f"u{next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)}")
+    word = _row_word(row_bytes)
     rows = bgr[y:y + size, x:x + size].reshape(size, row_bytes).view(word)
     mirrored = out.reshape(size, row_bytes).view(word)
     np.copyto(mirrored, rows[:, ::-1])
