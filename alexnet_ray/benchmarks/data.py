@@ -12,9 +12,12 @@ On the same CPU cores, images/s per core for
       via simplejpeg, into a reused buffer), one process per core decoding at once, as the
       pipeline's workers do (a core decoding alone is faster: it has the caches and memory
       bandwidth to itself; that rate, and PIL's, are reported beside it).
-Each contender is timed twice and keeps its best round. "Per core" is images per CPU-second actually used by every process involved (workers, Ray's
-raylet and driver included), because a shared machine gives the contenders unequal slices of
-the cores; the wall-clock rates per core and the share of the cores each got are reported too.
+The three take turns, ROUNDS rounds each, and each keeps its best round: a shared machine's speed
+drifts over minutes, and taking turns gives every contender the same drift. "Per core" is images
+per CPU-second used by the contender's own processes (the DataLoader's workers and this process;
+or Ray's workers, raylet, driver and its other processes), because a shared machine gives the
+contenders unequal slices of the cores; the wall-clock rates per core and the share of the cores
+each got are reported too.
 Peak memory (PSS of the driver and every Ray process it started) over an epoch of the set and of
 a set four times larger: streaming should not grow with the data. The last line is one JSON object.
 """
@@ -108,30 +111,43 @@ def _timed(batches) -> tuple[float, int]:
     return count / max(time.perf_counter() - start, 1e-9), count
 
 
-ROUNDS = 2  # each contender is timed this often and keeps its best round (the machine may be shared)
+ROUNDS = 3  # rounds of every contender, interleaved; each keeps its best round
 
 
-def _best_of(rounds: int, epoch) -> tuple[int, "CpuTime"]:
-    """(images, CpuTime) of the round with the fewest CPU-seconds per image."""
-    best = None
+def interleaved_best(rounds: int, contenders: dict) -> dict:
+    """Run every contender once per round, in turn, for `rounds` rounds; keep each one's best
+    round. Each returns (images per CPU-second, ...); best = the highest first figure. The speed
+    of a shared machine drifts over minutes: interleaving gives every contender the same drift,
+    which timing them one after another does not (their ratios moved by 20% between runs)."""
+    best: dict = {}
     for _ in range(rounds):
-        with CpuTime() as cpu:
-            count = epoch()
-        if best is None or cpu.seconds / count < best[1].seconds / best[0]:
-            best = (count, cpu)
+        for name, run_round in contenders.items():
+            result = run_round()
+            if name not in best or result[0] > best[name][0]:
+                best[name] = result
     return best
 
 
-def baseline_rate(paths: list[Path], cores: int, batch_size: int) -> tuple[int, "CpuTime"]:
+def epoch_round(epoch, pids=None) -> tuple[float, float, float]:
+    """One epoch: (images per CPU-second, per wall second per core, share of the cores used),
+    counting the CPU of the processes `pids()` names (CpuTime)."""
+    cores = len(os.sched_getaffinity(0))
+    with CpuTime(pids) as cpu:
+        count = epoch()
+    return count / cpu.seconds, count / cpu.wall / cores, cpu.seconds / cpu.wall / cores
+
+
+def baseline_loader(paths: list[Path], cores: int, batch_size: int):
+    """The DataLoader recipe, its workers started (as the Ray side is warmed up too)."""
     import torch
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(1)
     loader = DataLoader(RawJpegDataset(paths), batch_size=batch_size, shuffle=True, num_workers=cores,
                         drop_last=False, prefetch_factor=4, persistent_workers=True)
-    for _ in loader:  # start the workers, as the Ray side is warmed up too
+    for _ in loader:
         pass
-    return _best_of(ROUNDS, lambda: _timed(loader)[1])
+    return loader
 
 
 def _decode_loop(jpegs: list[bytes], decoder: str, seconds: float) -> tuple[int, float, float]:
@@ -152,21 +168,20 @@ def _decode_loop(jpegs: list[bytes], decoder: str, seconds: float) -> tuple[int,
     return count, time.process_time() - cpu_start, time.perf_counter() - start
 
 
-def decode_rate(jpegs: list[bytes], processes: int, decoder: str = "simplejpeg",
-                seconds: float = 1.5) -> tuple[float, float]:
-    """Bare decode of stored JPEGs to numpy in `processes` processes at once (one per core: cores
-    that decode side by side share caches and memory bandwidth, as the pipeline's workers do),
-    best of ROUNDS: (images per CPU-second, per wall second per process)."""
+def decode_round(pool, jpegs: list[bytes], processes: int, decoder: str = "simplejpeg",
+                 seconds: float = 1.5) -> tuple[float, float]:
+    """Bare decode of stored JPEGs to numpy in `processes` processes of `pool` at once (one per
+    core: cores that decode side by side share caches and memory bandwidth, as the pipeline's
+    workers do): (images per CPU-second, per wall second per process)."""
+    runs = pool.starmap(_decode_loop, [(jpegs, decoder, seconds)] * processes)
+    count, cpu = sum(r[0] for r in runs), sum(r[1] for r in runs)
+    return count / cpu, count / max(r[2] for r in runs) / processes
+
+
+def decode_pool(processes: int):
     import multiprocessing
 
-    best = (0.0, 0.0)
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:  # not fork: Ray is running
-        for _ in range(ROUNDS):
-            runs = pool.starmap(_decode_loop, [(jpegs, decoder, seconds)] * processes)
-            count, cpu = sum(r[0] for r in runs), sum(r[1] for r in runs)
-            wall = max(r[2] for r in runs)
-            best = max(best, (count / cpu, count / wall / processes))
-    return best
+    return multiprocessing.get_context("spawn").Pool(processes)  # not fork: torch and Ray threads
 
 
 def _descendants(root: int) -> list[int]:
@@ -201,17 +216,21 @@ def _cpu_seconds(pids: list[int]) -> dict[int, float]:
 
 
 class CpuTime:
-    """CPU seconds used by this process and its descendants (DataLoader workers, Ray's processes)
-    while the block runs: the machine may be shared, so rates are also given per CPU-second."""
+    """CPU seconds used while the block runs by the processes `pids()` names, by default this
+    process and its descendants (DataLoader workers, Ray's processes): the machine may be shared,
+    so rates are also given per CPU-second."""
+
+    def __init__(self, pids=None):
+        self._pids = pids or (lambda: _descendants(os.getpid()))
 
     def __enter__(self) -> "CpuTime":
-        self._before = _cpu_seconds(_descendants(os.getpid()))
+        self._before = _cpu_seconds(self._pids())
         self._wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self._wall
-        after = _cpu_seconds(_descendants(os.getpid()))
+        after = _cpu_seconds(self._pids())
         self.seconds = sum(v - self._before.get(pid, 0.0) for pid, v in after.items())
 
 
@@ -230,19 +249,21 @@ def _pss_mb(pids: list[int]) -> float:
 
 
 class PeakMemory:
-    """Samples the PSS of this process and its descendants (local Ray's raylet, workers, store)."""
+    """Samples the PSS of the processes `pids()` names, by default this process and its
+    descendants (local Ray's raylet, workers, store)."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.1, pids=None):
         self.interval, self.peak = interval, 0.0
+        self._pids = pids or (lambda: _descendants(os.getpid()))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        pids = _descendants(os.getpid())
+        pids = self._pids()
         last = time.monotonic()
         while not self._stop.is_set():
             if time.monotonic() - last > 1.0:
-                pids, last = _descendants(os.getpid()), time.monotonic()
+                pids, last = self._pids(), time.monotonic()
             self.peak = max(self.peak, _pss_mb(pids))
             self._stop.wait(self.interval)
 
@@ -302,11 +323,13 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
     print(f"{count} photos (~500x375, mean {mean_kb:.0f} kB) written in {time.perf_counter() - started:.1f}s; "
           f"{cores} cores")
 
-    count_a, cpu_a = baseline_rate(paths, cores, batch_size)
-    baseline, baseline_wall = count_a / cpu_a.seconds, count_a / cpu_a.wall / cores
-    print(f"(a) DataLoader baseline: {baseline:7.1f} images per CPU-second; {baseline_wall:7.1f}/s per core "
-          f"wall-clock (got {cpu_a.seconds / cpu_a.wall / cores:.0%} of the cores)")
-
+    # Every contender stays up for the whole run so that they can take turns; each is charged the
+    # CPU of its own processes only (the baseline's DataLoader workers, or the driver and Ray's).
+    me = os.getpid()
+    baseline = baseline_loader(paths, cores, batch_size)
+    baseline_processes = list(_descendants(me))  # this process and the DataLoader's workers
+    pool = decode_pool(cores)
+    not_ray = frozenset(_descendants(me)) - {me}  # the DataLoader's and the decode pool's processes
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     from ray.data import DataContext
 
@@ -318,12 +341,6 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
         print(f"    prepare (one-off): {count / prepare_s:8.1f} images/s incl. Ray start-up")
         index = ShardIndex.from_manifest(load_manifest(work / "prepared"), "train")
         jpegs = [bytes(j) for j in index.read(np.arange(min(index.num_rows, 200)))[0]]
-        limit, limit_wall = decode_rate(jpegs, cores)
-        limit_alone, _ = decode_rate(jpegs, 1)
-        limit_pil, _ = decode_rate(jpegs, cores, decoder="pil")
-        print(f"(c) bare 256x256 decode: {limit:7.1f} images per CPU-second on {cores} cores at once "
-              f"({limit_alone:.1f} in one process alone; PIL: {limit_pil:.1f}); {limit_wall:7.1f}/s per core "
-              "wall-clock")
 
         loader = TrainLoader(work / "prepared", batch_size=batch_size, replicas=1, image_size=224, seed=0)
         for _ in loader.iter_epoch(0, 0):  # warm the Ray workers
@@ -333,36 +350,52 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
         # Speed on the 4x set (more batches, less start-up share); memory sampling apart, since
         # reading /proc/*/smaps_rollup costs CPU of its own.
         epochs = iter(range(1, ROUNDS + 1))
-        count_b, cpu_b = _best_of(ROUNDS, lambda: _timed(big_loader.iter_epoch(next(epochs), 0))[1])
-        ours, ours_wall = count_b / cpu_b.seconds, count_b / cpu_b.wall / cores
+        ray_processes = lambda: [p for p in _descendants(me) if p not in not_ray]  # noqa: E731
+        best = interleaved_best(ROUNDS, {
+            "baseline": lambda: epoch_round(lambda: _timed(baseline)[1], lambda: baseline_processes),
+            "ray": lambda: epoch_round(lambda: _timed(big_loader.iter_epoch(next(epochs), 0))[1], ray_processes),
+            "limit": lambda: decode_round(pool, jpegs, cores),
+        })
+        (baseline_cpu, baseline_wall, baseline_share), (ours, ours_wall, ours_share) = best["baseline"], best["ray"]
+        limit, limit_wall = best["limit"]
+        with decode_pool(1) as alone:
+            limit_alone = max(decode_round(alone, jpegs, 1)[0] for _ in range(ROUNDS))
+        limit_pil = max(decode_round(pool, jpegs, cores, decoder="pil")[0] for _ in range(ROUNDS))
+        print(f"(a) DataLoader baseline: {baseline_cpu:7.1f} images per CPU-second; {baseline_wall:7.1f}/s per core "
+              f"wall-clock (got {baseline_share:.0%} of the cores)")
         print(f"(b) Ray Data pipeline:   {ours:7.1f} images per CPU-second; {ours_wall:7.1f}/s per core "
-              f"wall-clock (got {cpu_b.seconds / cpu_b.wall / cores:.0%} of the cores)")
-        with PeakMemory() as memory:
+              f"wall-clock (got {ours_share:.0%} of the cores)")
+        print(f"(c) bare 256x256 decode: {limit:7.1f} images per CPU-second on {cores} cores at once "
+              f"({limit_alone:.1f} in one process alone; PIL: {limit_pil:.1f}); {limit_wall:7.1f}/s per core "
+              "wall-clock")
+        print(f"    best of {ROUNDS} rounds each, the contenders taking turns")
+        with PeakMemory(pids=ray_processes) as memory:
             _timed(loader.iter_epoch(ROUNDS + 1, 0))
-        with PeakMemory() as memory4:
+        with PeakMemory(pids=ray_processes) as memory4:
             _timed(big_loader.iter_epoch(ROUNDS + 1, 0))
         print(f"    peak PSS of driver + Ray processes: {memory.peak:.0f} MB over the set, "
               f"{memory4.peak:.0f} MB over the 4x set")
     finally:
+        pool.terminate()
         ray.shutdown()
 
     result = {
         "images": count,
         "cores": cores,
-        "baseline_per_core": round(baseline, 1),
+        "baseline_per_core": round(baseline_cpu, 1),
         "ray_per_core": round(ours, 1),
         "decode_limit_per_core": round(limit, 1),
         "decode_limit_one_process": round(limit_alone, 1),
         "decode_limit_pil_per_core": round(limit_pil, 1),
-        "speedup": round(ours / baseline, 2),
+        "speedup": round(ours / baseline_cpu, 2),
         "fraction_of_limit": round(ours / limit, 3),
         "baseline_wall_per_core": round(baseline_wall, 1),
         "ray_wall_per_core": round(ours_wall, 1),
         "decode_limit_wall": round(limit_wall, 1),
         "speedup_wall": round(ours_wall / baseline_wall, 2),
         "fraction_of_limit_wall": round(ours_wall / limit_wall, 3),
-        "core_share_baseline": round(cpu_a.seconds / cpu_a.wall / cores, 3),
-        "core_share_ray": round(cpu_b.seconds / cpu_b.wall / cores, 3),
+        "core_share_baseline": round(baseline_share, 3),
+        "core_share_ray": round(ours_share, 3),
         "peak_rss_mb": round(memory.peak, 1),
         "peak_rss_mb_4x": round(memory4.peak, 1),
         "rss_growth_4x": round(memory4.peak / max(memory.peak, 1e-9), 3),
