@@ -125,8 +125,8 @@ def _mirrored_crop_into(out: np.ndarray, bgr: np.ndarray, y: int, x: int) -> Non
     """out[...] = the (size, size) crop at (y, x), mirrored left-right, in RGB, from the BGR decode.
 
     A BGR row read backwards byte by byte is the mirrored row in RGB. Reversed as 8-byte words
-    (then byte-swapped), numpy moves a sixth as many elements as when it mirrors 3-byte pixels,
-    which cost half as much as the decode itself."""
+    (then byte-swapped), numpy copies native integers, 84 per 224-pixel row; mirroring 3-byte
+    pixels instead copies 224 opaque 3-byte elements one at a time, about half a decode's cost."""
     size = out.shape[0]
     row_bytes = 3 * size
     word = _row_word(row_bytes)
