@@ -2,7 +2,9 @@
 
 Ground truth: for towers x replicas in {1x1, 2x1, 1x2, 2x2} and microbatches in {1, 4}, the towers
 give the deep-copied reference model's logits, loss, every gradient (merged back) and the weights
-after 3 SGD steps, for the same global batch, dropout off.
+and momenta after 3 SGD steps, for the same global batches, with dropout 0.5 on (masks keyed by
+step and global position) and uneven batches: 16, 13 and 3 rows (13 over 2 replicas is 7 + 6,
+split into 4 micro-batches as 2+2+2+1 and 2+2+1+1; 3 rows give fewer rows than micro-batches).
 """
 
 import copy
@@ -32,8 +34,9 @@ from alexnet_ray.parallel import (
 from alexnet_ray.parallel import mappings
 
 # image 96 leaves 2x2 maps after pool5, so fc6's flatten order across the towers is exercised.
-MODEL = dict(num_classes=10, width=0.25, image_size=96, dropout=0.0)
-GLOBAL_BATCH = 16
+MODEL = dict(num_classes=10, width=0.25, image_size=96, dropout=0.5)
+GLOBAL_ROWS = (16, 13, 3)  # per step
+SEED, EPOCH = 5, 2  # the dropout key's run seed and epoch
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
@@ -66,7 +69,7 @@ def test_topology_ranks():
     (Topology(3, 1), {}, "parallel.towers=3 must be 1 or 2"),
     (Topology(2, 0), {}, "parallel.replicas=0"),
     (Topology(2, 2), dict(world_size=3), "world size 3 != parallel.towers x parallel.replicas = 2 x 2"),
-    (Topology(2, 2), dict(batch_size=12, microbatches=4), "batch_size=12 is not divisible by parallel.replicas x parallel.microbatches = 2 x 4"),
+    (Topology(2, 2), dict(batch_size=0, microbatches=4), "batch_size=0 must be a positive integer"),
     (Topology(1, 1), dict(microbatches=0), "parallel.microbatches=0"),
 ])
 def test_bad_layouts_raise_before_any_process_group(topo, kwargs, message):
@@ -85,8 +88,32 @@ def test_tower_parallel_checks_its_arguments():
         TowerParallel(tower, groups, microbatches=0)
     with pytest.raises(ValueError, match="does not match"):
         TowerParallel(Tower(0, 2, **MODEL), groups)
-    with pytest.raises(ValueError, match="replica batch 6 is not divisible by parallel.microbatches=4"):
-        TowerParallel(tower, groups, microbatches=4).forward_backward(torch.zeros(6, 3, 96, 96), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"images \(6\) and labels \(5\) differ"):
+        TowerParallel(tower, groups, microbatches=4).forward_backward(torch.zeros(6, 3, 96, 96), torch.zeros(5, dtype=torch.long))
+
+
+def test_micro_batches_are_near_equal_and_never_empty():
+    from alexnet_ray.parallel.tower_parallel import split_microbatches
+
+    def sizes(n, k, offset=0):
+        mbs = split_microbatches(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), k, offset)
+        return [mb.images.shape[0] for mb in mbs], [mb.row_offset for mb in mbs]
+
+    assert sizes(7, 4) == ([2, 2, 2, 1], [0, 2, 4, 6])
+    assert sizes(6, 4, offset=7) == ([2, 2, 1, 1], [7, 9, 11, 12])
+    assert sizes(2, 4) == ([1, 1], [0, 1])  # fewer rows than micro-batches: one per row
+    assert sizes(128, 4)[0] == [32] * 4 and sizes(15, 4)[0] == [4, 4, 4, 3]
+
+
+def test_fill_drain_schedule_reads_in_one_sitting():
+    from alexnet_ray.parallel.tower_parallel import fill_drain_schedule
+
+    assert " ".join(map(str, fill_drain_schedule(2, 2))) == (
+        "F0m0 F0m1 F1m0 F1m1 Lm0 Lm1 B1m0 B1m1 S1 B0m0 B0m1 S0")
+    actions = fill_drain_schedule(5, 3)
+    for s in range(5):  # a stage's gradients sync only after its last micro-batch's backward
+        last_backward = max(i for i, a in enumerate(actions) if a.kind == "B" and a.stage == s)
+        assert actions[last_backward + 1] == type(actions[0])("S", s)
 
 
 # ---- each autograd Function and collective, exact values ---------------------------------------
@@ -168,6 +195,12 @@ def _gathered_merged(named: dict, groups):
     return None if parts is None else merge_state_dicts(parts)
 
 
+def _replica_rows(total: int, replicas: int, replica: int) -> tuple[int, int]:
+    """(offset, rows) of `replica`'s contiguous part of a global batch; the first ones one larger."""
+    sizes = [total // replicas + (r < total % replicas) for r in range(replicas)]
+    return sum(sizes[:replica]), sizes[replica]
+
+
 def _equivalence_worker(rank, world, store, towers, replicas):
     _init(rank, world, store)
     groups = init_parallel_groups(Topology(towers, replicas))
@@ -175,10 +208,8 @@ def _equivalence_worker(rank, world, store, towers, replicas):
     reference = AlexNet(**MODEL)  # identical on every rank
     gen = torch.Generator().manual_seed(7)
     size = MODEL["image_size"]
-    batches = [(torch.randn(GLOBAL_BATCH, 3, size, size, generator=gen),
-                torch.randint(0, MODEL["num_classes"], (GLOBAL_BATCH,), generator=gen)) for _ in range(3)]
-    per_replica = GLOBAL_BATCH // replicas
-    mine = slice(groups.replica * per_replica, (groups.replica + 1) * per_replica)
+    batches = [(torch.randn(rows, 3, size, size, generator=gen),
+                torch.randint(0, MODEL["num_classes"], (rows,), generator=gen)) for rows in GLOBAL_ROWS]
     is_tower0 = groups.tower == 0
 
     # The reference trajectory does not depend on the layout: compute it once.
@@ -187,11 +218,15 @@ def _equivalence_worker(rank, world, store, towers, replicas):
     ref_logits, ref_grads = [], None
     for step, (images, labels) in enumerate(batches):
         ref_opt.zero_grad()
+        ref.set_dropout_step(SEED, EPOCH, step)
         logits = ref(images)
         F.cross_entropy(logits, labels).backward()
         ref_logits.append(logits.detach())
         if step == 0:
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+            with torch.no_grad():  # dropout is really on: without it the logits differ
+                assert not torch.allclose(ref.eval()(images), logits, atol=1e-3)
+            ref.train()
         ref_opt.step()
     ref_momenta = {n: ref_opt.state[p]["momentum_buffer"] for n, p in ref.named_parameters()}
 
@@ -201,13 +236,18 @@ def _equivalence_worker(rank, world, store, towers, replicas):
         model = TowerParallel(tower, groups, microbatches=microbatches)
         opt = torch.optim.SGD(tower.parameters(), **SGD)
         for step, (images, labels) in enumerate(batches):
+            offset, rows = _replica_rows(len(labels), replicas, groups.replica)
+            mine = slice(offset, offset + rows)
             opt.zero_grad()
             if mode == "autograd":
+                tower.set_dropout_step(SEED, EPOCH, step, row_offset=offset)
                 logits = model(images[mine])
                 loss = F.cross_entropy(logits, labels[mine])
-                loss.backward()
+                # sync_gradients averages over replicas: weigh this replica's mean by its rows
+                (loss * rows * replicas / len(labels)).backward()
             else:
-                loss, logits = model.forward_backward(images[mine], labels[mine])
+                loss, logits = model.forward_backward(images[mine], labels[mine], row_offset=offset,
+                                                      global_rows=len(labels), dropout_step=(SEED, EPOCH, step))
             model.sync_gradients()
             expected = ref_logits[step][mine]
             _close(logits.detach(), expected, f"{where} step {step} logits")

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .dropout import StepDropout
 from .layers import (
     CONV1,
     POOLS,
@@ -61,7 +62,10 @@ class _StagedAlexNet(nn.Module):
         self.lrn = GroupedLRN(halves) if model_kwargs.get("lrn", True) else nn.Identity()
         kernel, stride = POOLS[model_kwargs.get("pool", "overlapping")]
         self.pool = nn.MaxPool2d(kernel, stride)
-        self.dropout = nn.Dropout(model_kwargs.get("dropout", 0.5))
+        p = model_kwargs.get("dropout", 0.5)
+        # Masks keyed by global position: this tower's columns of the whole layer (see dropout.py).
+        self.dropout6 = StepDropout(p, 6, tower * w["fc6"], full["fc6"])
+        self.dropout7 = StepDropout(p, 7, tower * w["fc7"], full["fc7"])
         init_weights({n: getattr(self, n) for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")},
                      model_kwargs.get("init", "paper"))
 
@@ -75,12 +79,23 @@ class _StagedAlexNet(nn.Module):
             x = a(self.conv4(a(self.conv3(x))))
             return pool(a(self.conv5(x)))
         if index == 2:
-            return self.dropout(a(self.fc6(torch.flatten(x, 1))))
+            return self.dropout6(a(self.fc6(torch.flatten(x, 1))))
         if index == 3:
-            return self.dropout(a(self.fc7(x)))
+            return self.dropout7(a(self.fc7(x)))
         if index == 4:
             return self.fc8(x)
         raise ValueError(f"stage index {index} out of range 0..{NUM_STAGES - 1}")
+
+    def set_dropout_step(self, seed: int, epoch: int, step: int, row_offset: int = 0) -> None:
+        """Key dropout to a training step: the next forward's rows are the global batch's rows
+        row_offset.. (a replica's or micro-batch's place in it). Every layout then draws the same masks."""
+        for dropout in (self.dropout6, self.dropout7):
+            dropout.set_key(seed, epoch, step, row_offset)
+
+    def clear_dropout_step(self) -> None:
+        """Back to ordinary dropout (a fresh mask from torch's generator on every forward)."""
+        for dropout in (self.dropout6, self.dropout7):
+            dropout.clear_key()
 
     def stage_parameters(self, index: int) -> list[tuple[str, nn.Parameter]]:
         return [(f"{layer}.{p}", getattr(getattr(self, layer), p)) for layer in STAGE_LAYERS[index] for p in ("weight", "bias")]

@@ -100,14 +100,15 @@ def fire(ops: list[LabelledOp], finish: Callable[[], Tensor]) -> PendingExchange
     return PendingExchange(works=works, labels=labels, finish=finish, seconds=time.perf_counter() - start)
 
 
-def _done(tensor: Tensor) -> PendingExchange:
+def completed(tensor: Tensor) -> PendingExchange:
+    """An exchange that is already finished (a group of one, or a purely local result)."""
     return PendingExchange(_result=tensor)
 
 
 def start_gather(local: Tensor, group, dim: int = 1, label: str = "gather") -> PendingExchange:
     """Non-blocking all-gather of every tower's `local` along `dim`, concatenated in tower order."""
     if group_size(group) == 1:
-        return _done(local)
+        return completed(local)
     me, ranks = _group_ranks(group)
     local = local.contiguous()
     parts = {rank: torch.empty_like(local) for i, rank in enumerate(ranks) if i != me}
@@ -119,7 +120,7 @@ def start_gather(local: Tensor, group, dim: int = 1, label: str = "gather") -> P
 def start_reduce_scatter(full: Tensor, group, dim: int = 1, label: str = "reduce-scatter") -> PendingExchange:
     """Non-blocking reduce-scatter along `dim`: tower i gets the sum over towers of chunk i."""
     if group_size(group) == 1:
-        return _done(full)
+        return completed(full)
     me, ranks = _group_ranks(group)
     chunks = full.chunk(len(ranks), dim=dim)
     send = {rank: chunks[i].contiguous() for i, rank in enumerate(ranks) if i != me}
@@ -297,7 +298,7 @@ def all_reduce_sum(tensor: Tensor, group) -> Tensor:
 
 @dataclass
 class PendingAllReduce:
-    """Async all-reduces of gradient tensors; `wait()` averages them in place."""
+    """Async all-reduces (sum) of gradient tensors; `wait()` divides them by `divisor` in place."""
 
     works: list
     tensors: list[Tensor]
@@ -309,15 +310,19 @@ class PendingAllReduce:
         start = time.perf_counter()
         for work in self.works:
             _wait(work, self.label, timeout)
-        for tensor in self.tensors:
-            tensor.div_(self.divisor)
+        if self.divisor != 1:
+            for tensor in self.tensors:
+                tensor.div_(self.divisor)
         self.works = []
         self.seconds += time.perf_counter() - start
 
 
-def start_gradient_average(grads: list[Tensor], group, label: str) -> PendingAllReduce:
-    """Launch async all-reduce (sum) of each gradient over the data-parallel group; wait() divides by its size."""
+def start_gradient_sum(grads: list[Tensor], group, label: str, divisor: int = 1) -> PendingAllReduce:
+    """forward: async all-reduce (sum) of each gradient over the data-parallel group, divided by
+    `divisor` on wait(); backward: none. Divisor 1 when each replica's loss was already scaled by
+    its share of the global batch's rows (unequal batches weigh by rows); the group size to average
+    losses that were each a replica's mean."""
     start = time.perf_counter()
     size = group_size(group)
     works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group, async_op=True) for g in grads] if size > 1 else []
-    return PendingAllReduce(works, grads if size > 1 else [], size, label, time.perf_counter() - start)
+    return PendingAllReduce(works, grads if size > 1 else [], divisor, label, time.perf_counter() - start)

@@ -49,7 +49,8 @@ class Topology:
 
     def validate(self, world_size: int | None = None, batch_size: int | None = None, microbatches: int = 1) -> "Topology":
         """ValueError naming the field for towers not in {1, 2}, a world size other than towers x
-        replicas, or a global batch that does not split into replicas x microbatches equal parts."""
+        replicas, or a batch size or micro-batch count below 1. Any batch splits over any
+        micro-batch count (near-equal parts), so nothing else is refused."""
         if self.towers not in (1, 2) or isinstance(self.towers, bool):
             raise ValueError(f"parallel.towers={self.towers!r} must be 1 or 2")
         _positive_int(self.replicas, "parallel.replicas")
@@ -59,10 +60,6 @@ class Topology:
                 f"world size {world_size} != parallel.towers x parallel.replicas = {self.towers} x {self.replicas}")
         if batch_size is not None:
             _positive_int(batch_size, "batch_size")
-            parts = self.replicas * microbatches
-            if batch_size % parts:
-                raise ValueError(f"batch_size={batch_size} is not divisible by parallel.replicas x parallel.microbatches "
-                                 f"= {self.replicas} x {microbatches}")
         return self
 
 

@@ -1,18 +1,24 @@
 """TowerParallel: one Tower in a process group, with the micro-batch schedule and gradient sync.
 
 `forward()` runs the stages with the autograd exchanges of mappings.py (so `loss.backward()` on it
-is correct too).  `forward_backward()` runs the pipelined schedule: stage by stage over the
-micro-batches, launching micro-batch m's exchange without waiting and computing stage s of m+1
-while it is in flight; backward does the same in reverse with the reduce-scatters, driving each
-stage's backward explicitly (as torch.distributed.pipelining does) so that the gradient exchange
-also overlaps compute.  Once a stage's parameters have their final gradients, their data-parallel
-all-reduce is launched asynchronously, overlapping the backward of earlier stages; `sync_gradients()`
-waits for it and averages.
+is correct too). `forward_backward()` runs a pipelined step the way torch.distributed.pipelining
+does: a schedule (`fill_drain_schedule`) is a plain list of actions — forward stage s of
+micro-batch m, the loss of m, backward stage s of m, sync stage s's gradients — and a short loop
+fires them. Each forward or backward action starts its exchange without waiting; the next action
+computes while the bytes move, and the action that needs them waits. Stage s's data-parallel
+all-reduce starts as soon as its gradients are final, overlapping the backward of earlier stages;
+`sync_gradients()` waits for it.
+
+One step equals the single model's step on the global batch, whatever the layout: each
+micro-batch's loss is its cross-entropy sum over the global batch's row count (replicas may hold
+unequal last batches, and micro-batches of one batch may differ by a row), and replicas then sum
+their gradients. Dropout is keyed by (seed, epoch, step) and each micro-batch's global row offset.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,62 @@ from torch import Tensor, nn
 from ..model import EXCHANGE_DIM, EXCHANGE_POINTS, NUM_STAGES, Tower
 from . import mappings
 from .topology import ParallelGroups
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a schedule: "F" forward stage, "L" loss, "B" backward stage, "S" gradient sync."""
+
+    kind: str
+    stage: int | None = None
+    microbatch: int | None = None
+
+    def __str__(self) -> str:
+        stage = "" if self.stage is None else str(self.stage)
+        return f"{self.kind}{stage}" + ("" if self.microbatch is None else f"m{self.microbatch}")
+
+
+def fill_drain_schedule(stages: int, microbatches: int) -> list[Action]:
+    """GPipe order: each stage over every micro-batch (micro-batch m's exchange is in flight while
+    the stage runs on m + 1), every loss, then each stage's backward in reverse over every
+    micro-batch, with that stage's gradient sync right after its last backward."""
+    mbs = range(microbatches)
+    actions = [Action("F", s, m) for s in range(stages) for m in mbs]
+    actions += [Action("L", None, m) for m in mbs]
+    for s in reversed(range(stages)):
+        actions += [Action("B", s, m) for m in mbs] + [Action("S", s)]
+    return actions
+
+
+@dataclass
+class MicroBatch:
+    """A micro-batch's rows and what its forward left for its backward."""
+
+    index: int
+    images: Tensor
+    labels: Tensor
+    row_offset: int  # its first row's place in the step's global batch
+    inputs: list = field(default_factory=lambda: [None] * NUM_STAGES)  # per stage: the leaf it read
+    outputs: list = field(default_factory=lambda: [None] * NUM_STAGES)  # per stage: the graph's root
+    inflight: mappings.PendingExchange | None = None  # the exchange leaving its last action
+    loss_sum: Tensor | None = None
+    logits: Tensor | None = None
+
+
+def split_microbatches(images: Tensor, labels: Tensor, microbatches: int, row_offset: int) -> list[MicroBatch]:
+    """Near-equal micro-batches (sizes differ by at most one row); one per row when the batch has
+    fewer rows than `microbatches`."""
+    n = images.shape[0]
+    if labels.shape[0] != n:
+        raise ValueError(f"images ({n}) and labels ({labels.shape[0]}) differ in batch size")
+    if n == 0:
+        raise ValueError("an empty batch has nothing to train on")
+    parts = min(microbatches, n)
+    result, offset = [], row_offset
+    for index, (x, y) in enumerate(zip(images.tensor_split(parts), labels.tensor_split(parts))):
+        result.append(MicroBatch(index, x, y, offset))
+        offset += x.shape[0]
+    return result
 
 
 class TowerParallel(nn.Module):
@@ -39,6 +101,8 @@ class TowerParallel(nn.Module):
         self.step = 0
         self.overlap_grad_sync = overlap_grad_sync  # False: all-reduce only in sync_gradients() (for measuring)
         self._pending_sync: list[mappings.PendingAllReduce] = []
+        self._sync_divisor: int | None = None  # set when forward_backward left the all-reduces to sync_gradients
+        self._dropout_step: tuple[int, int, int] | None = None  # (seed, epoch, step) of the step running
         self.reset_stats()
 
     # ---- stats ----
@@ -67,62 +131,76 @@ class TowerParallel(nn.Module):
         return result
 
     def forward(self, images: Tensor) -> Tensor:
-        """Full logits (N x num_classes), identical on every tower of the replica."""
+        """Full logits (N x num_classes), identical on every tower of the replica. Dropout uses the
+        tower's key (`tower.set_dropout_step`), or ordinary dropout when it has none."""
         return self.tower.forward_staged(images, self._exchange)
 
-    # ---- pipelined training step ----
-    def _split(self, images: Tensor, labels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        n = images.shape[0]
-        if labels.shape[0] != n:
-            raise ValueError(f"images ({n}) and labels ({labels.shape[0]}) differ in batch size")
-        if n % self.microbatches:
-            raise ValueError(f"replica batch {n} is not divisible by parallel.microbatches={self.microbatches}")
-        size = n // self.microbatches
-        return list(images.split(size)), list(labels.split(size))
+    # ---- pipelined training step: the actions and the loop that fires them ----
+    def _forward(self, s: int, mb: MicroBatch) -> None:
+        if s == 0:
+            x = mb.images
+        else:
+            x = self._waited(mb.inflight).detach().requires_grad_(True)
+        if self._dropout_step is not None:
+            self.tower.set_dropout_step(*self._dropout_step, row_offset=mb.row_offset)
+        mb.inputs[s], mb.outputs[s] = x, self.tower.stage(s, x)
+        label = f"{EXCHANGE_POINTS[s]} forward mb {mb.index} step {self.step}"
+        mb.inflight = mappings.start_gather(mb.outputs[s].detach(), self.groups.pair_group, EXCHANGE_DIM, label)
 
-    def forward_backward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy over the replica batch and its detached full logits; accumulates the
-        full-batch gradient into the tower's .grad (each micro-batch loss is scaled by its share)."""
+    def _loss(self, mb: MicroBatch, global_rows: int, loss_scale: float | Tensor) -> None:
+        full = self._waited(mb.inflight).detach().requires_grad_(True)
+        loss_sum = F.cross_entropy(full, mb.labels, reduction="sum")
+        (loss_sum * (loss_scale / global_rows)).backward()
+        mb.loss_sum, mb.logits = loss_sum.detach(), full.detach()
+        # forward: all-gather; backward: local slice (the loss is replicated on every tower)
+        mb.inflight = mappings.completed(mappings.local_slice(full.grad, self.groups.pair_group, EXCHANGE_DIM))
+
+    def _backward(self, s: int, mb: MicroBatch) -> None:
+        torch.autograd.backward(mb.outputs[s], self._waited(mb.inflight))
+        mb.outputs[s] = None
+        if s > 0:
+            label = f"{EXCHANGE_POINTS[s - 1]} backward mb {mb.index} step {self.step}"
+            mb.inflight = mappings.start_reduce_scatter(mb.inputs[s].grad, self.groups.pair_group, EXCHANGE_DIM, label)
+        mb.inputs[s] = None
+
+    def forward_backward(self, images: Tensor, labels: Tensor, *, row_offset: int | None = None,
+                         global_rows: int | None = None, dropout_step: tuple[int, int, int] | None = None,
+                         loss_scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+        """Accumulate this replica's share of the global batch's gradient into the tower's .grad;
+        return the replica batch's mean cross-entropy and its detached full logits.
+
+        row_offset / global_rows: this replica's first row in the step's global batch, and that
+        batch's rows (default: equal batches on every replica). dropout_step: (seed, epoch, step)
+        keys the masks, so every layout drops the same units (default: ordinary dropout).
+        loss_scale: multiplies the loss before backward (a mixed-precision gradient scaler's scale).
+        """
         if self._pending_sync:
             raise RuntimeError("call sync_gradients() before the next forward_backward()")
-        xs, ys = self._split(images, labels)
-        n, group, tag = images.shape[0], self.groups.pair_group, EXCHANGE_POINTS
-        inputs: list[list[Tensor]] = [[None] * len(xs) for _ in range(NUM_STAGES)]
-        outputs: list[list[Tensor]] = [[None] * len(xs) for _ in range(NUM_STAGES)]
-        pending: list = [None] * len(xs)
-        for s in range(NUM_STAGES):
-            for m, x in enumerate(xs):
-                if s > 0:
-                    x = self._waited(pending[m]).detach().requires_grad_(True)
-                inputs[s][m] = x
-                outputs[s][m] = out = self.tower.stage(s, x)
-                pending[m] = mappings.start_gather(out.detach(), group, EXCHANGE_DIM,
-                                                   f"{tag[s]} forward mb {m} step {self.step}")
-        losses, logits = [], []
-        for m in range(len(xs)):
-            full = self._waited(pending[m]).detach().requires_grad_(True)
-            loss = F.cross_entropy(full, ys[m], reduction="sum") / n
-            loss.backward()
-            losses.append(loss.detach())
-            logits.append(full.detach())
-            # forward: all-gather; backward: local slice (the loss is replicated on every tower)
-            pending[m] = mappings.local_slice(full.grad, group, EXCHANGE_DIM)
-        for s in reversed(range(NUM_STAGES)):
-            for m in range(len(xs)):
-                grad = pending[m] if s == NUM_STAGES - 1 else self._waited(pending[m])
-                torch.autograd.backward(outputs[s][m], grad)
-                outputs[s][m] = None
-                if s > 0:
-                    pending[m] = mappings.start_reduce_scatter(
-                        inputs[s][m].grad, group, EXCHANGE_DIM, f"{tag[s - 1]} backward mb {m} step {self.step}")
-                    inputs[s][m] = None
-            if self.overlap_grad_sync:
-                self._launch_grad_sync(s)
+        n, replicas = images.shape[0], mappings.group_size(self.groups.dp_group)
+        row_offset = self.groups.replica * n if row_offset is None else row_offset
+        global_rows = n * replicas if global_rows is None else global_rows
+        mbs = split_microbatches(images, labels, self.microbatches, row_offset)
+        self._dropout_step = dropout_step
+        try:
+            for action in fill_drain_schedule(NUM_STAGES, len(mbs)):
+                if action.kind == "F":
+                    self._forward(action.stage, mbs[action.microbatch])
+                elif action.kind == "L":
+                    self._loss(mbs[action.microbatch], global_rows, loss_scale)
+                elif action.kind == "B":
+                    self._backward(action.stage, mbs[action.microbatch])
+                elif self.overlap_grad_sync:
+                    self._launch_grad_sync(action.stage, divisor=1)
+        finally:
+            self._dropout_step = None
+        if not self.overlap_grad_sync:
+            self._sync_divisor = 1
         self.step += 1
-        return torch.stack(losses).sum(), torch.cat(logits)
+        loss = torch.stack([mb.loss_sum for mb in mbs]).sum() / n
+        return loss, torch.cat([mb.logits for mb in mbs])
 
     # ---- data-parallel gradient sync ----
-    def _launch_grad_sync(self, stage: int) -> None:
+    def _launch_grad_sync(self, stage: int, divisor: int) -> None:
         group = self.groups.dp_group
         if mappings.group_size(group) == 1:
             return
@@ -131,17 +209,20 @@ class TowerParallel(nn.Module):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        pending = mappings.start_gradient_average(grads, group, f"grad sync stage {stage} step {self.step}")
+        pending = mappings.start_gradient_sum(grads, group, f"grad sync stage {stage} step {self.step}", divisor)
         self._stats["grad_sync_s"] += pending.seconds
         pending.seconds = 0.0
         self._pending_sync.append(pending)
 
     def sync_gradients(self) -> None:
-        """Average gradients across replicas: finish the all-reduces forward_backward launched, or
-        (after a plain forward()/backward()) run them now."""
+        """Finish the replicas' gradient all-reduces forward_backward launched (each replica's loss
+        was scaled by its rows: the sum is the global batch's gradient), or, after a plain
+        forward()/backward() on each replica's mean loss, run them now and average."""
         if not self._pending_sync:
+            divisor = self._sync_divisor or mappings.group_size(self.groups.dp_group)
             for stage in range(NUM_STAGES):
-                self._launch_grad_sync(stage)
+                self._launch_grad_sync(stage, divisor)
+        self._sync_divisor = None
         for pending in self._pending_sync:
             pending.wait(self.exchange_timeout)
             self._stats["grad_sync_s"] += pending.seconds

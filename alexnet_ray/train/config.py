@@ -494,11 +494,6 @@ def _validate_numbers(config: Config) -> None:
     _require(p.towers in (1, 2), f"parallel.towers={p.towers}: must be 1 or 2 (the paper splits AlexNet in 2)")
     _require(p.replicas >= 1, f"parallel.replicas={p.replicas}: must be >= 1")
     _require(p.microbatches >= 1, f"parallel.microbatches={p.microbatches}: must be >= 1")
-    _require(
-        d.batch_size % p.microbatches == 0,
-        f"data.batch_size={d.batch_size} (per replica) does not split into "
-        f"parallel.microbatches={p.microbatches} equal micro-batches",
-    )
     _require(p.exchange_timeout_s > 0, f"parallel.exchange_timeout_s={p.exchange_timeout_s}: must be > 0")
     _require(p.cpus_per_worker > 0, f"parallel.cpus_per_worker={p.cpus_per_worker}: must be > 0")
     _require(r.epochs >= 1, f"run.epochs={r.epochs}: must be >= 1")

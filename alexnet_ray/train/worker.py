@@ -231,6 +231,10 @@ def train_worker(loop_config: dict) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     sizes = train_loader.batch_sizes(groups.replica)
+    # Each step's global batch is the replicas' batches in replica order (the last ones may differ).
+    plan = [train_loader.batch_sizes(r) for r in range(config.parallel.replicas)]
+    row_offsets = [sum(p[step] for p in plan[:groups.replica]) for step in range(len(sizes))]
+    global_rows = [sum(p[step] for p in plan) for step in range(len(sizes))]
     early = None  # tower 0: the next epoch's loader, started before this epoch's evaluation
     for epoch in range(w.start_epoch, config.run.epochs):
         lr = w.schedule.lr(epoch)
@@ -257,7 +261,9 @@ def train_worker(loop_config: dict) -> None:
             fault_injection.point("exchange", epoch, step)
             w.model.step = epoch * train_loader.batches_per_epoch + step  # named in exchange errors
             with autocast:
-                loss, logits = w.model.forward_backward(x, labels)
+                loss, logits = w.model.forward_backward(
+                    x, labels, row_offset=row_offsets[step], global_rows=global_rows[step],
+                    dropout_step=(config.run.seed, epoch, step))
             w.model.sync_gradients()
             w.optimizer.step()
             w.optimizer.zero_grad(set_to_none=True)
