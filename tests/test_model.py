@@ -149,3 +149,55 @@ def test_tower_of_one_is_the_reference_and_two_needs_an_exchange(ablation):
         full = torch.cat(outs, dim=1)
         h = [full, full]
     torch.testing.assert_close(h[0], model(x), rtol=1e-5, atol=1e-6)
+
+
+# ---- dropout keyed by the step: the same masks in every layout ---------------------------------
+
+def test_dropout_masks_are_slices_of_one_global_mask():
+    from alexnet_ray.model.dropout import StepDropout
+
+    full = StepDropout(0.5, 6, 0, 64)
+    halves = [StepDropout(0.5, 6, 32 * t, 64) for t in range(2)]
+    ones = torch.ones(13, 64)
+    for module in (full, *halves):
+        module.set_key(seed=3, epoch=1, step=4, row_offset=0)
+    whole = full(ones)
+    assert torch.equal(torch.cat([h(ones[:, :32]) for h in halves], dim=1), whole)
+    # rows 5.. of the global batch, computed alone (another replica or micro-batch)
+    for h in halves:
+        h.set_key(seed=3, epoch=1, step=4, row_offset=5)
+    assert torch.equal(halves[1](ones[5:, :32]), whole[5:, 32:])
+    assert set(whole.unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
+
+
+def test_dropout_masks_are_fair_and_untied():
+    from alexnet_ray.model.dropout import StepDropout
+
+    module = StepDropout(0.5, 7, 0, 4096)
+    module.set_key(seed=0, epoch=0, step=0)
+    kept = module(torch.ones(256, 4096)) > 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.005  # 1M draws: 5 standard deviations is 0.0025
+    both = (kept[:, :2048] & kept[:, 2048:]).float().mean().item()
+    assert abs(both - 0.25) < 0.005  # the towers' halves drop independently, not the same pattern
+    assert abs((kept[:128] & kept[128:]).float().mean().item() - 0.25) < 0.005  # so do rows (replicas)
+    masks = []
+    for key in [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]:
+        module.set_key(*key)
+        masks.append(module(torch.ones(8, 4096)) > 0)
+    assert all(not torch.equal(masks[0], m) for m in masks[1:])  # each step, epoch, seed: new masks
+    assert not torch.equal(StepDropout(0.5, 6, 0, 4096).train()(torch.ones(8, 4096)),
+                           StepDropout(0.5, 6, 0, 4096).train()(torch.ones(8, 4096)))  # unkeyed: fresh
+
+
+def test_model_dropout_follows_the_step_key():
+    model = AlexNet(**{**SMALL, "dropout": 0.5}).train()
+    x = torch.randn(4, 3, 64, 64)
+    model.set_dropout_step(1, 2, 3)
+    first = model(x)
+    model.set_dropout_step(1, 2, 3)
+    assert torch.equal(model(x), first)
+    model.set_dropout_step(1, 2, 4)
+    assert not torch.equal(model(x), first)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    assert model.state_dict().keys() == AlexNet(**SMALL).state_dict().keys()  # no new checkpoint entries

@@ -124,6 +124,7 @@ def faulted(prepared_demo, tmp_path_factory, tiny_run):
 
 
 def test_run_survives_the_faults_with_identical_weights(faulted, tiny_run):
+    """Dropout 0.5 (the tiny preset): masks are keyed by the step, so the restarts redraw them."""
     result = faulted["result"]
     assert result.error is None and result.metrics["epoch"] == 2
     assert sorted(faulted["killed"]) == [MID_EPOCH, IN_EXCHANGE, IN_CHECKPOINT]

@@ -200,12 +200,12 @@ def _plain_worker(rank: int, config_dict: dict, batches_path: str, store: str, o
         model.train()
         model.reset_stats()
         meter = EpochMeter()
-        for batch in batches:
+        for step, batch in enumerate(batches):
             if broadcast:  # as the Ray worker does: tower 0 sends the batch to its partner
                 sent = [batch["images"], batch["labels"], batch["lighting"]] if rank == 0 else []
                 batch = dict(zip(("images", "labels", "lighting"), broadcast_from_tower0(sent, groups)))
             x = to_model_input(batch["images"], batch["lighting"], manifest.mean, manifest.std, "cpu")
-            loss, logits = model.forward_backward(x, batch["labels"])
+            loss, logits = model.forward_backward(x, batch["labels"], dropout_step=(config.run.seed, epoch, step))
             model.sync_gradients()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
