@@ -35,7 +35,8 @@ from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
 from alexnet_ray.train import fault_injection
 from alexnet_ray.train.batch_feed import EarlyStart, training_batches
-from alexnet_ray.train.checkpoint import checkpoint_dirs, load_checkpoint, load_newest_good_checkpoint, save_checkpoint
+from alexnet_ray.train.checkpoint import (CheckpointError, NoGoodCheckpointError, checkpoint_dirs, load_checkpoint,
+                                         load_newest_good_checkpoint, save_checkpoint)
 from alexnet_ray.train.config import Config
 from alexnet_ray.train.device_batch import as_tensor, to_model_input
 from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
@@ -103,7 +104,10 @@ def _load_resume_state(config: Config) -> dict | None:
     if candidates:
         return load_newest_good_checkpoint(candidates, fs)[0]
     if config.run.resume_from:
-        return load_checkpoint(config.run.resume_from)
+        try:
+            return load_checkpoint(config.run.resume_from)
+        except CheckpointError as error:  # checked on the driver; broken since: a retry cannot help
+            raise NoGoodCheckpointError(f"run.resume_from: {error}") from None
     return None
 
 
