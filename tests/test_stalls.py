@@ -92,6 +92,7 @@ def _worker(rank, name, store, results):
         results.put((rank, type(error).__name__, time.time() - started, f"{error}\n{traceback.format_exc()}"))
 
 
+@pytest.mark.slow  # two spawned processes importing torch: about 10 s each
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_a_stalled_partner_gives_a_labelled_error_within_the_timeout(tmp_path, name):
     _, _, waiting, expected = SCENARIOS[name]
