@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from alexnet_ray.model import AlexNet
+from alexnet_ray.train.checkpoint import first_line
 
 EXPORT_FORMAT = "alexnet-ray-export/1"
 PREPROCESSING_KEYS = ("stored_size", "image_size", "mean", "std")
@@ -96,7 +97,7 @@ def read_exported(path: str | os.PathLike) -> Exported:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, refused globals, not a torch file
-        raise ExportError(f"cannot read exported model {path}: {type(e).__name__}: {e}") from None
+        raise ExportError(f"cannot read exported model {path}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{path} is not an alexnet-ray export (format {EXPORT_FORMAT!r} expected)")
     missing = [f.name for f in dataclasses.fields(Exported) if f.name not in data]

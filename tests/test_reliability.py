@@ -32,7 +32,7 @@ STEPS_PER_EPOCH = 25  # 400 demo training images / batch 16
 EXCHANGE_TIMEOUT_S = 8.0
 
 # Fault indices name the scenarios. Epochs and steps are 0-based.
-MID_EPOCH, IN_EXCHANGE, STALL, IN_CHECKPOINT = range(4)
+MID_EPOCH, IN_EXCHANGE, STALL, IN_CHECKPOINT, STALL_IN_EVAL, STALL_IN_GATHER = range(6)
 PLAN = [
     # tower 1 parked before fetching step 5's batch (tower 0 waits in the batch broadcast), killed
     {"point": "step", "action": "hold", "rank": 1, "epoch": 0, "step": 5},
@@ -42,6 +42,10 @@ PLAN = [
     {"point": "exchange", "action": "stall", "rank": 1, "epoch": 1, "step": 8, "seconds": 120},
     # tower 0 parked with the last checkpoint written but not yet reported; killed
     {"point": "checkpoint", "action": "hold", "rank": 0, "epoch": 1},
+    # tower 0 stalls before its first evaluation batch: tower 1 gives up waiting for its broadcast
+    {"point": "eval", "action": "stall", "rank": 0, "epoch": 0, "step": 0, "seconds": 120},
+    # tower 1 stalls before the checkpoint gather: tower 0 gives up waiting for its weights
+    {"point": "gather", "action": "stall", "rank": 1, "epoch": 1, "seconds": 120},
 ]
 
 
@@ -113,10 +117,11 @@ def faulted(prepared_demo, tmp_path_factory, tiny_run):
     recoveries = {}
     for index, info in killer.killed.items():
         recoveries[index] = recovery(events, info["killed_at"])[0]
-    stall_error = error_after(events, fired(events, STALL))
-    recoveries[STALL] = recovery(events, stall_error["time"])[0]
+    for index in (STALL, STALL_IN_EVAL, STALL_IN_GATHER):
+        recoveries[index] = recovery(events, error_after(events, fired(events, index))["time"])[0]
     names = {MID_EPOCH: "kill mid-epoch", IN_EXCHANGE: "kill in exchange", STALL: "stall timeout",
-             IN_CHECKPOINT: "kill in checkpoint"}
+             IN_CHECKPOINT: "kill in checkpoint", STALL_IN_EVAL: "stall in evaluation",
+             STALL_IN_GATHER: "stall in checkpoint gather"}
     print(f"\nfaulted run: {wall:.1f}s wall; recovery (failure -> first step after restart): "
           + ", ".join(f"{names[i]} {recoveries[i]:.1f}s" for i in sorted(recoveries)), flush=True)
     (root / "recovery_times.json").write_text(json.dumps({names[i]: s for i, s in recoveries.items()}))
@@ -239,3 +244,21 @@ def test_driver_killed_and_restarted_resumes_to_the_same_weights(prepared_demo, 
           f"({seconds + restarted - killed_at:.1f}s after the kill)")
     diff = max_abs_diff(load_checkpoint(summary["checkpoint"])["model"], load_checkpoint(tiny_run.checkpoint.path)["model"])
     assert diff <= 1e-6, diff
+
+
+@pytest.mark.parametrize("index, rank, label, resumed_at", [
+    (STALL_IN_EVAL, 1, "epoch 1 evaluation batch 0 count: broadcast from rank 0", (0, 0)),  # no checkpoint yet
+    (STALL_IN_GATHER, 0, "epoch 2 checkpoint weights layout: recv from rank 1", (1, 0)),
+], ids=["evaluation broadcast", "checkpoint gather"])
+def test_stalled_partner_outside_the_exchanges_fails_within_the_timeout(faulted, index, rank, label, resumed_at):
+    """Issue 14: the waits around the exchanges take the run's timeout too; the run then resumes and
+    (test_run_survives_the_faults_with_identical_weights) ends with the uninterrupted run's weights."""
+    events = faulted["events"]
+    stall = fired(events, index)
+    error = error_after(events, stall)
+    assert (error["type"], error["rank"]) == ("ExchangeTimeoutError", rank), error
+    assert f"{label}: not complete after {EXCHANGE_TIMEOUT_S:g}s" in error["message"], error["message"]
+    waited = error["time"] - stall["time"]
+    assert EXCHANGE_TIMEOUT_S - 1.0 <= waited <= EXCHANGE_TIMEOUT_S + 6.0, waited
+    seconds, first = recovery(events, error["time"])
+    assert (first["epoch"], first["step"]) == resumed_at

@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,26 @@ def test_run_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(pre
     final = load_checkpoint(result.checkpoint.path)["model"]
     reference = load_checkpoint(tiny_run.checkpoint.path)["model"]
     assert max(float((final[k] - reference[k]).abs().max()) for k in final) <= 1e-6
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_retrying_forever_ends_when_no_checkpoint_is_usable(prepared_demo, tmp_path, capsys):
+    """Issue 14: run.max_failures=-1 (retry forever) and every checkpoint of the run corrupt: the
+    first worker group fails to resume and the run ends with that reason instead of restarting."""
+    from conftest import _start_ray, run_job
+
+    _start_ray()
+    run = tmp_path / "runs" / "all-corrupt"
+    for epoch in (1, 2):
+        save_checkpoint(run / f"checkpoint_epoch_{epoch:04d}", small_state(epoch))
+        truncate(run / f"checkpoint_epoch_{epoch:04d}")
+    started = time.time()
+    code, out, err = run_job(capsys, "train", "--preset", "tiny", "--data", str(prepared_demo), "--storage",
+                             str(tmp_path / "runs"), "--name", "all-corrupt", "--set", "run.max_failures=-1")
+    print(f"\nrefused after {time.time() - started:.1f}s")
+    assert code == 1, (out, err)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: training failed: RunCannotRecoverError: worker "), line
+    assert "no good checkpoint to resume from (2 tried)" in line and "checkpoint_epoch_0002" in line, line
+    assert not list(run.glob("checkpoint_epoch_*_retry*"))  # no worker got as far as writing one

@@ -6,6 +6,7 @@ every node). The driver streams the results, in order, into shards, so shards ar
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -151,6 +152,7 @@ def prepare_dataset(
     if "train" in found:
         permutation = np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(found["train"]))
         found["train"] = [found["train"][i] for i in permutation]
+    created = not out.exists()
     _prepare_out(out, overwrite)
     if not ray.is_initialized():
         ray.init()
@@ -186,6 +188,9 @@ def prepare_dataset(
     except BaseException:
         for partial in out.glob("*.parquet"):
             partial.unlink()
+        if created:  # leave no empty OUT behind either
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     mean, std, pca = _statistics(pixel_count, sums, outers.reshape(3, 3))
     manifest = Manifest(classes=classes, splits=splits, size=size, mean=mean, std=std, pca=pca,

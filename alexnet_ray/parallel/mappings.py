@@ -10,6 +10,7 @@ being sent (same device and dtype), so CUDA tensors travel over NCCL and CPU ten
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -71,7 +72,9 @@ def _wait(work, label: str, timeout: float | None) -> None:
         completed = work.wait(timedelta(seconds=timeout))
     except RuntimeError as error:
         waited = time.perf_counter() - start
-        if waited < 0.9 * timeout:  # the peer's connection broke before the timeout
+        # the peer's connection broke before the timeout (the backend's own timeout, the group's, may
+        # fire first: it counts from when the op was issued, which can be before this wait)
+        if waited < 0.9 * timeout and "timed out" not in str(error).lower():
             raise ExchangeTimeoutError(f"{label}: failed after {waited:.1f}s, before the {timeout:g}s timeout "
                                        f"({error})") from error
         raise ExchangeTimeoutError(f"{label}: not complete after {timeout:g}s ({error})") from error
@@ -205,17 +208,24 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.ui
 _MAX_DIMS = 8
 
 
-def broadcast_from_tower0(tensors: list[Tensor], groups) -> list[Tensor]:
+def broadcast_from_tower0(tensors: list[Tensor], groups, label: str = "broadcast",
+                          timeout: float | None = None) -> list[Tensor]:
     """Tower 0's tensors, on every tower of the replica (e.g. the replica's batch). Partners may pass
-    an empty list (or placeholders): shapes and dtypes travel first, then the data (forward only)."""
+    an empty list (or placeholders): shapes and dtypes travel first, then the data (forward only).
+    Each broadcast waits at most `timeout` seconds (ExchangeTimeoutError naming `label`)."""
     group = groups.pair_group
     if group_size(group) == 1:
         return list(tensors)
     src = groups.pair_ranks[0]
     is_src = dist.get_rank() == src
     device = _device_for(group, list(tensors))
+
+    def broadcast(tensor: Tensor, what: str) -> None:
+        work = dist.broadcast(tensor, src, group=group, async_op=True)
+        _wait(work, f"{label} {what}: broadcast from rank {src}", timeout)
+
     count = torch.tensor([len(tensors) if is_src else 0], dtype=torch.int64, device=device)
-    dist.broadcast(count, src, group=group)
+    broadcast(count, "count")
     header = torch.zeros(int(count.item()), 2 + _MAX_DIMS, dtype=torch.int64, device=device)
     if is_src:
         for row, tensor in zip(header, tensors):
@@ -223,14 +233,14 @@ def broadcast_from_tower0(tensors: list[Tensor], groups) -> list[Tensor]:
                 raise ValueError(f"broadcast_from_tower0 cannot send a {tensor.dtype} tensor of {tensor.dim()} dims")
             row[0], row[1] = _DTYPES.index(tensor.dtype), tensor.dim()
             row[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    dist.broadcast(header, src, group=group)
+    broadcast(header, "shapes")
     result = []
     for index, row in enumerate(header.tolist()):
         if is_src:
             tensor = tensors[index].to(device).contiguous()
         else:
             tensor = torch.empty(row[2:2 + row[1]], dtype=_DTYPES[row[0]], device=device)
-        dist.broadcast(tensor, src, group=group)
+        broadcast(tensor, f"tensor {index}")
         result.append(tensor)
     return result
 
@@ -262,37 +272,52 @@ def start_broadcast_from_tower0(tensors: list[Tensor], groups, label: str = "bat
     return PendingBroadcast(list(tensors), works, f"{label}: broadcast from rank {src}")
 
 
-def gather_tower_state_dicts(state_dict: dict[str, Tensor], groups) -> list[dict[str, Tensor]] | None:
+def _layout_digest(state_dict: dict[str, Tensor], device) -> Tensor:
+    """32 bytes naming every entry's name, shape and dtype: equal digests, equal layouts."""
+    layout = repr([(name, tuple(t.shape), str(t.dtype)) for name, t in state_dict.items()]).encode()
+    return torch.tensor(list(hashlib.sha256(layout).digest()), dtype=torch.uint8, device=device)
+
+
+def gather_tower_state_dicts(state_dict: dict[str, Tensor], groups, label: str = "state dict",
+                             timeout: float | None = None) -> list[dict[str, Tensor]] | None:
     """On tower 0: [tower 0's dict, tower 1's dict, ...]; None elsewhere. Towers hold equal-shaped halves,
-    so tower 0 receives into tensors shaped like its own; names and shapes are checked first."""
+    so tower 0 receives into tensors shaped like its own; a digest of names and shapes is checked first.
+    Each transfer waits at most `timeout` seconds (ExchangeTimeoutError naming `label` and the peer)."""
     group = groups.pair_group
     if group_size(group) == 1:
         return [dict(state_dict)]
     me, ranks = _group_ranks(group)
-    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in state_dict.items()]
-    layouts = [None] * len(ranks) if me == 0 else None
-    dist.gather_object(layout, layouts, dst=ranks[0], group=group)
+    device = _device_for(group, list(state_dict.values()))
+    digest = _layout_digest(state_dict, device)
     if me == 0:
-        for index, other in enumerate(layouts):
-            if other != layout:
+        digests = {rank: torch.empty_like(digest) for rank in ranks[1:]}
+        ops = build_exchange_ops({}, digests, group, f"{label} layout")
+    else:
+        ops = build_exchange_ops({ranks[0]: digest}, {}, group, f"{label} layout")
+    fire(ops, lambda: None).wait(timeout)
+    if me == 0:
+        for index, rank in enumerate(ranks[1:], start=1):
+            if not torch.equal(digests[rank], digest):
                 raise ValueError(f"tower {index}'s state dict names/shapes differ from tower 0's")
         recv = {rank: {n: torch.empty_like(t.contiguous()) for n, t in state_dict.items()} for rank in ranks[1:]}
-        ops = [LabelledOp(dist.P2POp(dist.irecv, recv[rank][name], rank, group), f"state dict {name}: recv from rank {rank}")
+        ops = [LabelledOp(dist.P2POp(dist.irecv, recv[rank][name], rank, group), f"{label} {name}: recv from rank {rank}")
                for rank in ranks[1:] for name in state_dict]
     else:
         sends = {n: t.detach().contiguous() for n, t in state_dict.items()}
-        ops = [LabelledOp(dist.P2POp(dist.isend, sends[name], ranks[0], group), f"state dict {name}: send to rank {ranks[0]}")
+        ops = [LabelledOp(dist.P2POp(dist.isend, sends[name], ranks[0], group), f"{label} {name}: send to rank {ranks[0]}")
                for name in state_dict]
-    fire(ops, lambda: None).wait()
+    fire(ops, lambda: None).wait(timeout)
     if me != 0:
         return None
     return [dict(state_dict)] + [recv[rank] for rank in ranks[1:]]
 
 
-def all_reduce_sum(tensor: Tensor, group) -> Tensor:
-    """Sum `tensor` in place over `group` (e.g. eval counts across replicas); returns it."""
+def all_reduce_sum(tensor: Tensor, group, label: str = "all-reduce", timeout: float | None = None) -> Tensor:
+    """Sum `tensor` in place over `group` (e.g. eval counts across replicas); returns it. Waits at most
+    `timeout` seconds (ExchangeTimeoutError naming `label` and the group's ranks)."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        _wait(work, f"{label}: all-reduce over ranks {dist.get_process_group_ranks(group)}", timeout)
     return tensor
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -89,21 +90,24 @@ class ParallelGroups:
         return self.topology.dp_ranks(self.tower)
 
 
-def init_parallel_groups(topology: Topology) -> ParallelGroups:
+def init_parallel_groups(topology: Topology, timeout: float | None = None) -> ParallelGroups:
     """Build every pair group and every data-parallel group; all ranks must call this (new_group is
-    collective and every rank creates all groups in the same order). The default group must exist."""
+    collective and every rank creates all groups in the same order). The default group must exist.
+    `timeout` (seconds) bounds every collective of the groups inside the backend too (torch's
+    default for gloo is 30 minutes), so a stalled partner cannot hold a background thread longer."""
     topology.validate()
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("init_parallel_groups needs torch.distributed initialised (Ray Train does it)")
     topology.validate(world_size=dist.get_world_size())
     rank = dist.get_rank()
+    options = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     pair_group = dp_group = None
     for replica in range(topology.replicas):
-        group = dist.new_group(topology.pair_ranks(replica))
+        group = dist.new_group(topology.pair_ranks(replica), **options)
         if replica == topology.replica_of(rank):
             pair_group = group
     for tower in range(topology.towers):
-        group = dist.new_group(topology.dp_ranks(tower))
+        group = dist.new_group(topology.dp_ranks(tower), **options)
         if tower == topology.tower_of(rank):
             dp_group = group
     return ParallelGroups(topology=topology, rank=rank, pair_group=pair_group, dp_group=dp_group)

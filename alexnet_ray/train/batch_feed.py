@@ -42,21 +42,22 @@ def _from_loader(batch: dict | None, step: int, sizes: list[int], image_size: in
 
 
 def training_batches(source: Iterator[dict] | None, sizes: list[int], image_size: int, groups,
-                     device) -> Iterator[list[torch.Tensor]]:
+                     device, timeout: float | None = None, label: str = "training batch") -> Iterator[list[torch.Tensor]]:
     """[images uint8 (N,H,W,3), labels int64 (N,), lighting float32 (N,3)] for each planned batch,
-    on every tower of the replica. `source` (tower 0 only) yields the loader's batches."""
+    on every tower of the replica. `source` (tower 0 only) yields the loader's batches. A partner
+    waits at most `timeout` seconds for a batch (ExchangeTimeoutError naming "`label` <step>")."""
 
     def start(step: int):
         if groups.tower == 0:
             tensors = _from_loader(next(source, None), step, sizes, image_size, device)
         else:
             tensors = _receive_buffers(sizes[step], image_size, device)
-        return start_broadcast_from_tower0(tensors, groups, label=f"training batch {step}")
+        return start_broadcast_from_tower0(tensors, groups, label=f"{label} {step}")
 
     pending = start(0) if sizes else None
     for step in range(len(sizes)):
         following = start(step + 1) if step + 1 < len(sizes) else None
-        yield pending.wait()
+        yield pending.wait(timeout)
         pending = following
     if groups.tower == 0 and next(source, None) is not None:
         raise RuntimeError(f"the training loader has more than the {len(sizes)} planned batches")

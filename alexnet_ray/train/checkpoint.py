@@ -47,6 +47,17 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or not in this project's format."""
 
 
+class NoGoodCheckpointError(CheckpointError):
+    """None of a run's checkpoints can be loaded: resuming cannot succeed, however often it is tried."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message up to its first line break: errors here are reported in one line, and
+    torch's unpickling errors run to a paragraph of advice."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -107,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as e:  # pickle errors, refused globals, truncated zip archives
-        raise CheckpointError(f"cannot read checkpoint {weights}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {weights}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{weights} is not an alexnet-ray checkpoint (format {FORMAT!r} expected)")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -143,7 +154,7 @@ def _load_from(fs, path: str) -> dict[str, Any]:
 def load_newest_good_checkpoint(candidates: list[str], filesystem=None) -> tuple[dict[str, Any], str]:
     """Load the first of `candidates` (checkpoint directories, newest first) that passes its
     checksum and reads as a checkpoint, logging a warning for every one skipped. Returns
-    (state, the path loaded); raises CheckpointError naming each candidate's problem when none is good."""
+    (state, the path loaded); raises NoGoodCheckpointError naming each candidate's problem when none is good."""
     import pyarrow.fs as pafs
 
     fs = filesystem or pafs.LocalFileSystem()
@@ -157,7 +168,7 @@ def load_newest_good_checkpoint(candidates: list[str], filesystem=None) -> tuple
         if problems:
             logger.warning("resuming from the older checkpoint %s; skipped: %s", candidate, "; ".join(problems))
         return state, str(candidate)
-    raise CheckpointError(f"no good checkpoint to resume from ({len(problems)} tried): " + "; ".join(problems))
+    raise NoGoodCheckpointError(f"no good checkpoint to resume from ({len(problems)} tried): " + "; ".join(problems))
 
 
 def describe(state: dict[str, Any]) -> str:

@@ -10,8 +10,11 @@ restarted worker group replays past it:
 
 - point "step": before the step's batch is fetched (the partner waits in the batch broadcast);
   "exchange": the batch has arrived, before forward_backward (the partner waits in an exchange);
+  "metrics": before an epoch's metric all-reduce across replicas (step 0: training, 1: evaluation);
+  "eval": before evaluation batch `step` is read and broadcast (the partner waits for it);
+  "gather": replica 0, before the towers' weights are gathered for the checkpoint;
   "checkpoint": rank 0 has written the checkpoint files and not yet reported them.
-  epoch and step are 0-based indices; "checkpoint" ignores step.
+  epoch and step are 0-based indices; "gather" and "checkpoint" ignore step.
 - action "hold": write held-<i>.json (pid, rank, time) next to the plan and sleep until killed:
   the test sends SIGKILL to that pid. "stall": sleep `seconds`, then carry on.
 
@@ -31,7 +34,7 @@ from typing import Any, Callable
 
 PLAN_ENV_VAR = "ALEXNET_RAY_FAULT_PLAN"
 LOOP_CONFIG_KEY = "fault_plan"
-POINTS = ("step", "exchange", "checkpoint")
+POINTS = ("step", "exchange", "metrics", "eval", "gather", "checkpoint")
 ACTIONS = ("hold", "stall")
 HOLD_LIMIT_S = 300.0  # a hold that nobody kills ends the worker instead of hanging the test
 
@@ -96,7 +99,7 @@ class _Injector:
         for index, fault in enumerate(self.faults):
             if (fault.point, fault.rank, fault.epoch) != (name, self.rank, epoch):
                 continue
-            if name != "checkpoint" and fault.step != step:
+            if name not in ("gather", "checkpoint") and fault.step != step:
                 continue
             if not self._claim(index):
                 continue

@@ -19,9 +19,10 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from alexnet_ray.train import fault_injection, tensorboard
+from alexnet_ray.train import failures, fault_injection, tensorboard
 from alexnet_ray.train.config import Config, copy_config, validate_config
 from alexnet_ray.train.metrics import write_metrics_file
+from alexnet_ray.train.preflight import check_inputs
 from alexnet_ray.train.worker import train_worker
 
 DEMO_CACHE = Path(os.environ.get("ALEXNET_RAY_CACHE", "~/.cache/alexnet-ray")).expanduser()
@@ -115,6 +116,9 @@ class Trainer:
         return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
     def fit(self) -> ray.train.Result:
+        """Train; ConfigError (before Ray starts, or once connected for the cluster's resources) for
+        bad input, RunCannotRecoverError when a restart could not help, ray.train errors otherwise."""
+        check_inputs(self.config)  # the dataset and the checkpoint to start from, before Ray starts
         self._connect()
         config = self._resolve_data()
         validate_config(config, cluster_resources=ray.cluster_resources(), check_data=True)
@@ -143,8 +147,14 @@ class Trainer:
                 storage_path=storage,
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
-                callbacks=[MetricsFiles(run_dir)],
+                callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable()],
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress lines, not Ray's per-report INFO
             ),
         )
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except ray.train.ControllerError as error:
+            cause = failures.unwrap(error)
+            if cause is error:
+                raise
+            raise cause from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import itertools
 import logging
 import os
 import posixpath
@@ -34,7 +35,8 @@ from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
 from alexnet_ray.train import fault_injection
 from alexnet_ray.train.batch_feed import EarlyStart, training_batches
-from alexnet_ray.train.checkpoint import checkpoint_dirs, load_checkpoint, load_newest_good_checkpoint, save_checkpoint
+from alexnet_ray.train.checkpoint import (CheckpointError, NoGoodCheckpointError, checkpoint_dirs, load_checkpoint,
+                                         load_newest_good_checkpoint, save_checkpoint)
 from alexnet_ray.train.config import Config
 from alexnet_ray.train.device_batch import as_tensor, to_model_input
 from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
@@ -102,7 +104,10 @@ def _load_resume_state(config: Config) -> dict | None:
     if candidates:
         return load_newest_good_checkpoint(candidates, fs)[0]
     if config.run.resume_from:
-        return load_checkpoint(config.run.resume_from)
+        try:
+            return load_checkpoint(config.run.resume_from)
+        except CheckpointError as error:  # checked on the driver; broken since: a retry cannot help
+            raise NoGoodCheckpointError(f"run.resume_from: {error}") from None
     return None
 
 
@@ -140,7 +145,7 @@ def setup_worker(loop_config: dict) -> WorkerState:
     if ctx.get_world_size() != topology.world_size:
         raise ValueError(f"world size {ctx.get_world_size()} != towers x replicas = {topology.world_size}")
     _set_determinism(config, config.parallel.cpus_per_worker)
-    groups = init_parallel_groups(topology)
+    groups = init_parallel_groups(topology, timeout=config.parallel.exchange_timeout_s)
     device = ray.train.torch.get_device()
 
     state = _load_resume_state(config)
@@ -168,17 +173,21 @@ def setup_worker(loop_config: dict) -> WorkerState:
     return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch)
 
 
-def _eval_batches(source: Iterator[dict] | None, groups, device) -> Iterator[list[torch.Tensor]]:
+def _eval_batches(source: Iterator[dict] | None, groups, device, timeout: float | None = None,
+                  epoch: int = 0) -> Iterator[list[torch.Tensor]]:
     """[images, labels] of each evaluation batch on every tower of the replica: tower 0 reads it,
     its partner receives it over the pair group (shapes travel too: ten-crop batches and the last
-    batch differ). An empty broadcast marks the end. Training batches: batch_feed.training_batches."""
-    while True:
+    batch differ), waiting at most `timeout` seconds. An empty broadcast marks the end. Training
+    batches: batch_feed.training_batches."""
+    for index in itertools.count():
+        fault_injection.point("eval", epoch, index)
         tensors = []
         if groups.tower == 0:
             batch = next(source, None)
             if batch is not None:
                 tensors = [as_tensor(batch["images"]).to(device), as_tensor(batch["labels"]).to(device)]
-        received = broadcast_from_tower0(tensors, groups)
+        received = broadcast_from_tower0(tensors, groups, label=f"epoch {epoch + 1} evaluation batch {index}",
+                                         timeout=timeout)
         if not received:
             return
         yield received
@@ -246,7 +255,8 @@ def train_worker(loop_config: dict) -> None:
         source = None
         if groups.tower == 0:
             source = iter(early) if early is not None else train_loader.iter_epoch(epoch, groups.replica)
-        batches = training_batches(source, sizes, config.model.image_size, groups, device)
+        batches = training_batches(source, sizes, config.model.image_size, groups, device,
+                                   timeout=config.parallel.exchange_timeout_s, label=f"epoch {epoch + 1} training batch")
         step = 0
         while True:
             fault_injection.point("step", epoch, step)
@@ -278,11 +288,13 @@ def train_worker(loop_config: dict) -> None:
         elapsed = time.perf_counter() - meter.started
         if groups.tower == 0 and epoch + 1 < config.run.epochs:
             early = EarlyStart(train_loader.iter_epoch(epoch + 1, groups.replica))
-        train = error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group).cpu())
+        fault_injection.point("metrics", epoch)
+        train = error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group, f"epoch {epoch + 1} training metrics",
+                                           config.parallel.exchange_timeout_s).cpu())
 
         final = epoch == config.run.epochs - 1
         ten_crop = final and config.data.ten_crop_final_eval
-        val = evaluate(w.model, config.data.path, config, groups, device, mean, std, ten_crop=ten_crop)
+        val = evaluate(w.model, config.data.path, config, groups, device, mean, std, ten_crop=ten_crop, epoch=epoch)
         w.schedule.observe(val["top1_error"])
 
         metrics = {
@@ -312,16 +324,18 @@ def train_worker(loop_config: dict) -> None:
         _report(w, epoch, metrics, manifest, rank)
 
 
-def evaluate(model: TowerParallel, data_dir: str, config: Config, groups, device, mean, std, *, ten_crop: bool) -> dict:
+def evaluate(model: TowerParallel, data_dir: str, config: Config, groups, device, mean, std, *, ten_crop: bool,
+             epoch: int = 0) -> dict:
     """Top-1/top-5 error on the validation split; every image counted exactly once across replicas."""
     model.eval()
     loader = EvalLoader(data_dir, batch_size=config.data.eval_batch_size or config.data.batch_size,
                         replicas=config.parallel.replicas, image_size=config.model.image_size, ten_crop=ten_crop,
                         prefetch_batches=config.data.prefetch_batches)
     meter = EpochMeter()
+    timeout = config.parallel.exchange_timeout_s
     source = loader.iter(groups.replica) if groups.tower == 0 else None
     with torch.no_grad():
-        for images, labels in _eval_batches(source, groups, device):
+        for images, labels in _eval_batches(source, groups, device, timeout, epoch):
             if ten_crop:
                 n, crops = images.shape[:2]
                 x = to_model_input(images.flatten(0, 1), None, mean, std, device)
@@ -332,7 +346,9 @@ def evaluate(model: TowerParallel, data_dir: str, config: Config, groups, device
                 logits = model(to_model_input(images, None, mean, std, device)).float()
                 loss = F.cross_entropy(logits, labels)
             meter.add_batch(float(loss), logits, labels)
-    return error_rates(all_reduce_sum(meter.totals().to(device), groups.dp_group).cpu())
+    fault_injection.point("metrics", epoch, 1)
+    totals = all_reduce_sum(meter.totals().to(device), groups.dp_group, f"epoch {epoch + 1} evaluation metrics", timeout)
+    return error_rates(totals.cpu())
 
 
 def _to_cpu(state: dict) -> dict:
@@ -346,8 +362,12 @@ def _report(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> N
         ray.train.report(metrics, checkpoint=None)
         return
     # Gathered where they live: NCCL moves only CUDA tensors. Merged copies go to the CPU.
-    weights = gather_tower_state_dicts({k: v.detach() for k, v in tower.state_dict().items()}, w.groups)
-    momentum = gather_tower_state_dicts(_momentum_by_name(tower, w.optimizer), w.groups)
+    timeout = w.config.parallel.exchange_timeout_s
+    fault_injection.point("gather", epoch)
+    weights = gather_tower_state_dicts({k: v.detach() for k, v in tower.state_dict().items()}, w.groups,
+                                       f"epoch {epoch + 1} checkpoint weights", timeout)
+    momentum = gather_tower_state_dicts(_momentum_by_name(tower, w.optimizer), w.groups,
+                                        f"epoch {epoch + 1} checkpoint momentum", timeout)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
