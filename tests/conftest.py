@@ -15,6 +15,7 @@ def _start_ray():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always our own: never a cluster a `ray start` elsewhere left in /tmp/ray
             num_cpus=RAY_TEST_CPUS,
             object_store_memory=1 << 30,
             include_dashboard=False,
