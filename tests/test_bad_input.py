@@ -205,7 +205,7 @@ def test_bad_input_is_refused_in_one_line(case, inputs, tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_more_workers_than_the_cluster_holds_is_refused_once_connected(inputs, tmp_path, capsys, ray_cluster):
+def test_more_workers_than_the_cluster_holds_is_refused_once_connected(inputs, tmp_path, ray_cluster, capsys):
     storage = tmp_path / "runs"
     code, out, err = run(capsys, "train", ["--preset", "tiny", "--data", str(inputs["data"]), "--storage", str(storage),
                                            "--set", "parallel.replicas=20"])
@@ -215,7 +215,7 @@ def test_more_workers_than_the_cluster_holds_is_refused_once_connected(inputs, t
 
 
 @pytest.mark.ray
-def test_prepare_that_fails_on_a_bad_image_leaves_no_output(inputs, tmp_path, capsys, ray_cluster):
+def test_prepare_that_fails_on_a_bad_image_leaves_no_output(inputs, tmp_path, ray_cluster, capsys):
     src = tmp_path / "src"
     shutil.copytree(inputs["src"], src)
     shutil.copy(inputs["not_image"], src / "train" / "cats" / "b.jpg")
