@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 _TMP_MARK = ".tmp-"  # a local file being written: NAME.tmp-<random>, renamed to NAME when whole
@@ -59,7 +60,7 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     try:
         return _remote(scheme, bucket, endpoint), path
-    except (pafs.ArrowException, ValueError, OSError) as error:
+    except (pa.ArrowException, ValueError, OSError) as error:
         raise ValueError(f"{text}: cannot open this location ({str(error).splitlines()[0]})") from None
 
 
@@ -110,7 +111,11 @@ def list_dir(location, recursive: bool = False) -> list[pafs.FileInfo]:
 
 
 def read_bytes(location) -> bytes:
+    """The file's bytes; a local file's errors are Python's own (FileNotFoundError with strerror)."""
     fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with open(path, "rb") as file:
+            return file.read()
     with fs.open_input_stream(path) as stream:
         return stream.read()
 
@@ -123,8 +128,6 @@ def open_input(location):
     """A random-access file (pyarrow NativeFile): local files are memory-mapped."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        import pyarrow as pa
-
         return pa.memory_map(path)
     return fs.open_input_file(path)
 

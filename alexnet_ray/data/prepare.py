@@ -41,6 +41,9 @@ TRAIN_ORDER_SEED = 0  # train rows are stored in a seeded random order, so row g
 # Planning happens before any image is converted, so a shard's image count comes from an estimate
 # of the stored JPEG's size (quality 90 photos average about 0.35 bytes per pixel).
 JPEG_BYTES_PER_PIXEL = 0.35
+# Shards are also the unit of parallel work: a split of fewer images than MIN_SHARDS shards of
+# shard_mb is cut finer (down to one row group a shard), so a small set still uses every core.
+MIN_SHARDS = 64
 SHARD_FORMAT = 1
 FOOTER_KEY = b"alexnet_ray.shard"
 SHARD_NAME = re.compile(r"[a-z]+-\d{5}\.parquet")
@@ -57,12 +60,14 @@ class ShardPlan:
 
 def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_bytes: int,
                 max_pixels: int) -> list[ShardPlan]:
-    """Cut each split's images, in order, into shards of the same image count."""
-    per_shard = max(1, int(shard_bytes / (size * size * JPEG_BYTES_PER_PIXEL)))
-    if per_shard >= ROW_GROUP_ROWS:
-        per_shard -= per_shard % ROW_GROUP_ROWS  # whole row groups when nothing is skipped
+    """Cut each split's images, in order, into shards of the same image count (a function of the
+    listing and the arguments only, never of the cluster)."""
+    by_bytes = max(1, int(shard_bytes / (size * size * JPEG_BYTES_PER_PIXEL)))
+    if by_bytes >= ROW_GROUP_ROWS:
+        by_bytes -= by_bytes % ROW_GROUP_ROWS  # whole row groups when nothing is skipped
     plans = []
     for split, images in found.items():
+        per_shard = min(by_bytes, max(ROW_GROUP_ROWS, -(-len(images) // MIN_SHARDS)))
         for n, start in enumerate(range(0, len(images), per_shard)):
             chunk = tuple(images[start: start + per_shard])
             recipe = json.dumps([SHARD_FORMAT, size, max_pixels, JPEG_QUALITY, chunk]).encode()
