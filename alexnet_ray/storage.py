@@ -112,10 +112,10 @@ def list_dir(location, recursive: bool = False) -> list[pafs.FileInfo]:
 
 def read_bytes(location) -> bytes:
     """The file's bytes; a local file's errors are Python's own (FileNotFoundError with strerror)."""
-    fs, path = resolve(location)
-    if isinstance(fs, pafs.LocalFileSystem):
-        with open(path, "rb") as file:
+    if not is_uri(location):  # the prepare job reads every source image through here
+        with open(os.path.expanduser(str(location)), "rb") as file:
             return file.read()
+    fs, path = resolve(location)
     with fs.open_input_stream(path) as stream:
         return stream.read()
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, ImageChops
 
 from alexnet_ray import storage
-from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, decode_jpeg, encode_jpeg
+from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, encode_jpeg
 from alexnet_ray.data.layouts import find_images
 from alexnet_ray.data.manifest import MANIFEST_NAME, Manifest
 
@@ -105,12 +106,11 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
                 return {"error": f"{path}: {reason} (--on-bad-image fail)"}
             skipped.append({"path": path, "split": plan.split, "reason": reason})
             continue
-        if plan.split == "train":
-            # Statistics of what training will see: the stored JPEG, decoded. Integer-valued float64
-            # products are exact, so the sums are exact integers whatever the order of addition.
-            pixels = decode_jpeg(jpeg).reshape(-1, 3).astype(np.float64)
-            sums += pixels.sum(axis=0).astype(np.int64)
-            outers += (pixels.T @ pixels).ravel().astype(np.int64)
+        if plan.split == "train":  # statistics of what training will see: the stored JPEG, decoded
+            with Image.open(io.BytesIO(jpeg)) as stored:  # encode_jpeg stores RGB
+                image_sums, image_outer = pixel_moments(stored)
+            sums += image_sums
+            outers += image_outer.ravel()
         rows.append((jpeg, label, class_name, path))
     groups = [len(rows[i: i + ROW_GROUP_ROWS]) for i in range(0, len(rows), ROW_GROUP_ROWS)]
     result = {"key": plan.key, "file": plan.file, "split": plan.split, "rows": len(rows), "row_groups": groups,
@@ -118,6 +118,23 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
               "pixels": len(rows) * size * size if plan.split == "train" else 0}
     storage.write_bytes_atomic(target, _parquet_bytes(rows, result))
     return {**result, "reused": False}
+
+
+_LEVELS = np.arange(256, dtype=np.int64)
+
+
+def pixel_moments(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer sums of an RGB image's 0..255 values (3) and of their products (3x3), from
+    histograms: sum(x * y) = (sum(x^2) + sum(y^2) - sum((x - y)^2)) / 2 with |x - y| an 8-bit
+    image. Five times cheaper than a float64 matrix product over the pixels, and exact."""
+    histogram = np.asarray(image.histogram(), np.int64).reshape(3, 256)
+    squares = histogram @ (_LEVELS * _LEVELS)
+    outer = np.diag(squares)
+    bands = image.split()
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        gaps = np.asarray(ImageChops.difference(bands[i], bands[j]).histogram(), np.int64) @ (_LEVELS * _LEVELS)
+        outer[i, j] = outer[j, i] = (squares[i] + squares[j] - gaps) // 2
+    return histogram @ _LEVELS, outer
 
 
 def _parquet_bytes(rows: list[tuple], result: dict) -> bytes:
