@@ -77,7 +77,7 @@ def test_shards_are_deterministic_and_an_interrupted_run_resumes(ray_cluster, tm
 @pytest.mark.slow
 def test_a_killed_worker_still_gives_the_same_shards(ray_cluster, tmp_path):
     src = _source(tmp_path / "src", classes=4, per_class=40, val_per_class=0)
-    reference = prepare_dataset(src, tmp_path / "a", size=16, shard_mb=0.0005, progress=False)
+    reference = prepare_dataset(src, tmp_path / "a", size=16, shard_mb=0.002, progress=False)
     killed: list[int] = []
 
     def kill_one_shard_worker() -> None:
@@ -98,7 +98,7 @@ def test_a_killed_worker_still_gives_the_same_shards(ray_cluster, tmp_path):
 
     killer = threading.Thread(target=kill_one_shard_worker)
     killer.start()
-    again = prepare_dataset(src, tmp_path / "b", size=16, shard_mb=0.0005, progress=False)
+    again = prepare_dataset(src, tmp_path / "b", size=16, shard_mb=0.002, progress=False)
     killer.join()
     assert killed, "no shard task was seen running"
     assert _shard_bytes(tmp_path / "b") == _shard_bytes(tmp_path / "a")

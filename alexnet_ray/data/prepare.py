@@ -40,8 +40,9 @@ SHARD_SCHEMA = pa.schema(
 ROW_GROUP_ROWS = 128  # the unit the training loader shuffles and reads
 TRAIN_ORDER_SEED = 0  # train rows are stored in a seeded random order, so row groups mix classes
 # Planning happens before any image is converted, so a shard's image count comes from an estimate
-# of the stored JPEG's size (quality 90 photos average about 0.35 bytes per pixel).
-JPEG_BYTES_PER_PIXEL = 0.35
+# of the stored JPEG's size: PIL's headers and tables (about 600 bytes), then quality 90 photos
+# average about 0.35 bytes per pixel.
+JPEG_HEADER_BYTES, JPEG_BYTES_PER_PIXEL = 600, 0.35
 # Shards are also the unit of parallel work: a split of fewer images than MIN_SHARDS shards of
 # shard_mb is cut finer (down to one row group a shard), so a small set still uses every core.
 MIN_SHARDS = 64
@@ -63,7 +64,7 @@ def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_b
                 max_pixels: int) -> list[ShardPlan]:
     """Cut each split's images, in order, into shards of the same image count (a function of the
     listing and the arguments only, never of the cluster)."""
-    by_bytes = max(1, int(shard_bytes / (size * size * JPEG_BYTES_PER_PIXEL)))
+    by_bytes = max(1, int(shard_bytes / (JPEG_HEADER_BYTES + size * size * JPEG_BYTES_PER_PIXEL)))
     if by_bytes >= ROW_GROUP_ROWS:
         by_bytes -= by_bytes % ROW_GROUP_ROWS  # whole row groups when nothing is skipped
     plans = []
