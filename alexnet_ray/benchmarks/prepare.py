@@ -85,7 +85,7 @@ def _command(pid: int) -> bytes:
 
 
 def _niceness(pids: list[int]) -> int:
-    """The highest niceness among `pids` (Ray's idle workers after the warm-up)."""
+    """The highest niceness among `pids`."""
     values = []
     for pid in pids:
         try:
@@ -147,7 +147,8 @@ def _run(work: Path, count: int, cores: int) -> int:
 
     try:
         pool_round(), prepare_round()  # warm-up: workers started, modules imported
-        niceness = _niceness([p for p in ray_processes() if _command(p).startswith(b"ray::")])
+        workers = [p for p in ray_processes() if _command(p).startswith(b"ray::IDLE")]  # ran the warm-up's tasks
+        niceness = _niceness(workers or [p for p in ray_processes() if _command(p).startswith(b"ray::")])
         for pid in pool_processes:
             os.setpriority(os.PRIO_PROCESS, pid, niceness)
         print(f"Ray's workers and the pool's processes run at niceness {niceness}")

@@ -89,8 +89,9 @@ def predict_files(model: AlexNet, paths: Sequence[str | os.PathLike], *, k: int 
         try:
             data = storage.read_bytes(path)
             pending.append((i, prepare_image(data, model.preprocessing, ten_crop=ten_crop, name=str(path))))
-        except (OSError, UnreadableImageError) as error:
+        except (OSError, ValueError) as error:  # ValueError: UnreadableImageError, a URI without a bucket
             message = str(error) if isinstance(error, UnreadableImageError) else \
+                f"cannot read image: {error}" if isinstance(error, ValueError) else \
                 f"cannot read image {path}: {error.strerror or error}"
             results[i]["error"] = message
         if len(pending) >= batch_size:
