@@ -19,13 +19,16 @@ An export is a `torch.save` of a dict of tensors and plain data (loadable with w
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alexnet_ray import storage
 from alexnet_ray.model import AlexNet
 from alexnet_ray.train.checkpoint import first_line
 
@@ -80,22 +83,24 @@ def exported_from_checkpoint(state: dict[str, Any], source: str = "") -> Exporte
     )
 
 
-def save_exported(exported: Exported, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(exported.to_dict(), tmp)
-    os.replace(tmp, out)
-    return out
+def save_exported(exported: Exported, out: str | os.PathLike) -> Path | str:
+    """Write the export file whole (local path or URI); returns where (a Path when local)."""
+    buffer = io.BytesIO()
+    torch.save(exported.to_dict(), buffer)
+    storage.write_bytes_atomic(out, buffer.getvalue())
+    return str(out) if storage.is_uri(out) else Path(out)
 
 
 def read_exported(path: str | os.PathLike) -> Exported:
-    """Read an export file (weights_only=True); ExportError naming the file if it is not one."""
-    path = Path(path)
-    if not path.is_file():
+    """Read an export file (local or URI; weights_only=True); ExportError naming the file if it is not one."""
+    try:
+        is_file = storage.is_file(path)
+    except OSError as e:
+        raise ExportError(f"cannot read exported model {path}: {str(e).splitlines()[0]}") from None
+    if not is_file:
         raise ExportError(f"no exported model at {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, refused globals, not a torch file
         raise ExportError(f"cannot read exported model {path}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
@@ -124,9 +129,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     summary: dict[str, Any] = {"out": str(out), "classes": len(exported.classes),
                                "model_kwargs": exported.model_kwargs, "onnx": None, "onnx_max_abs_diff": None}
     if onnx:
-        onnx_path = out.with_suffix(".onnx")
-        summary["onnx"] = str(export_onnx(exported.build_model(), onnx_path))
-        summary["onnx_max_abs_diff"] = check_onnx(exported.build_model(), onnx_path, batch=onnx_batch)
+        onnx_out = str(out)[: -len(Path(str(out)).suffix) or None] + ".onnx"
+        with tempfile.TemporaryDirectory(prefix="alexnet-onnx-") as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_onnx(exported.build_model(), onnx_path)
+            summary["onnx_max_abs_diff"] = check_onnx(exported.build_model(), onnx_path, batch=onnx_batch)
+            storage.write_bytes_atomic(onnx_out, onnx_path.read_bytes())
+        summary["onnx"] = onnx_out
     return summary
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from alexnet_ray import storage
 
 # conv1_kernels.png layout (pixels)
 KERNEL_SCALE = 5  # each kernel pixel drawn as a 5x5 block
@@ -132,12 +135,14 @@ def draw_conv1_kernels(weights: torch.Tensor | np.ndarray, out: str | os.PathLik
 
 
 def read_run_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The run's metrics/epoch_NNNN.json files, in epoch order ([] if there are none)."""
-    files = sorted(Path(run_dir, "metrics").glob("epoch_*.json"))
+    """The run's metrics/epoch_NNNN.json files (local or a URI), in epoch order ([] if there are none)."""
+    folder = storage.join(run_dir, "metrics")
+    files = [storage.join(folder, i.base_name) for i in storage.list_dir(folder)
+             if i.base_name.startswith("epoch_") and i.base_name.endswith(".json")]
     records = []
     for file in files:
         try:
-            records.append(json.loads(file.read_text()))
+            records.append(json.loads(storage.read_text(file)))
         except json.JSONDecodeError as error:
             raise ValueError(f"metrics file {file} is not valid JSON: {error}") from None
     return sorted(records, key=lambda m: m.get("epoch", 0))
@@ -256,8 +261,11 @@ def draw_curves(metrics: list[dict[str, Any]], out: str | os.PathLike, *, title:
 # --------------------------------------------------------------------------- the job's library call
 
 
-def run_dir_of(checkpoint: Path) -> Path:
+def run_dir_of(checkpoint: Path | str) -> Path | str:
     """The run directory holding a checkpoint_epoch_NNNN directory (its parent)."""
+    if storage.is_uri(checkpoint):
+        directory = checkpoint if storage.is_dir(checkpoint) else storage.parent(checkpoint)
+        return storage.parent(directory) if storage.base_name(directory).startswith("checkpoint_") else directory
     directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
     return directory.parent if directory.name.startswith("checkpoint_") else directory
 
@@ -272,12 +280,18 @@ def visualize(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, run_
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     weights = state["model"]["conv1.weight"]
-    name = state["config"].get("run", {}).get("name") or run_dir_of(path).name
-    out_dir = Path(out_dir)
-    kernels = draw_conv1_kernels(weights, out_dir / "conv1_kernels.png",
-                                 title=f"conv1 kernels - {name}, epoch {state['epoch']}")
-    run = Path(run_dir) if run_dir is not None else run_dir_of(path)
+    name = state["config"].get("run", {}).get("name") or storage.base_name(run_dir_of(path))
+    run = run_dir if run_dir is not None else run_dir_of(path)
     metrics = read_run_metrics(run) or ([state["metrics"]] if state.get("metrics") else [])
-    curves = draw_curves(metrics, out_dir / "curves.png", title=f"training curves - {name}")
-    return {"conv1_kernels": str(kernels), "curves": str(curves), "tower_chroma": tower_chroma(weights),
+    remote = storage.is_uri(out_dir)
+    with tempfile.TemporaryDirectory(prefix="alexnet-pictures-") as tmp:
+        local = Path(tmp) if remote else Path(out_dir)
+        kernels = draw_conv1_kernels(weights, local / "conv1_kernels.png",
+                                     title=f"conv1 kernels - {name}, epoch {state['epoch']}")
+        curves = draw_curves(metrics, local / "curves.png", title=f"training curves - {name}")
+        if remote:
+            for picture in (kernels, curves):
+                storage.write_bytes_atomic(storage.join(out_dir, picture.name), picture.read_bytes())
+    where = (lambda p: storage.join(out_dir, p.name)) if remote else str
+    return {"conv1_kernels": where(kernels), "curves": where(curves), "tower_chroma": tower_chroma(weights),
             "epochs": len(metrics)}

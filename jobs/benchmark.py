@@ -4,6 +4,7 @@
     python jobs/benchmark.py data [--quick]             # DataLoader baseline vs Ray Data pipeline
     python jobs/benchmark.py end-to-end [--quick]       # Trainer.fit() vs a plain torch.multiprocessing loop
     python jobs/benchmark.py soak [--quick]             # worker memory over many epochs
+    python jobs/benchmark.py prepare [--images N]       # prepare vs a plain multiprocessing.Pool
 
 Each prints a table and, as its last line, one JSON object with the figures.
 """
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "data": "alexnet_ray.benchmarks.data",
     "end-to-end": "alexnet_ray.benchmarks.end_to_end",
     "soak": "alexnet_ray.benchmarks.soak",
+    "prepare": "alexnet_ray.benchmarks.prepare",
 }
 
 

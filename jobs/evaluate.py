@@ -5,8 +5,8 @@ GPU per actor when the cluster has GPUs). Every image of the split is counted ex
 
 Launch commands (copy-paste):
 
-    python jobs/evaluate.py ~/alexnet-ray-runs/demo/checkpoint_epoch_0030 --data ~/.cache/alexnet-ray/demo-seed0-73px
-    python jobs/evaluate.py ~/alexnet-ray-runs/paper-1 --data /datasets/imagenet-256 --ten-crop --batch-size 256
+    python jobs/evaluate.py ~/alexnet-ray/runs/demo/checkpoint_epoch_0030 --data ~/.cache/alexnet-ray/demo-seed0-73px
+    python jobs/evaluate.py ~/alexnet-ray/runs/paper-1 --data /datasets/imagenet-256 --ten-crop --batch-size 256
     RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- \
         python jobs/evaluate.py /shared/runs/paper-1 --data /shared/imagenet-256 --ten-crop
 

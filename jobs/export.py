@@ -7,8 +7,8 @@ the weights, the class names and the preprocessing (stored size, crop, mean/std)
 
 Launch commands (copy-paste):
 
-    python jobs/export.py ~/alexnet-ray-runs/demo/checkpoint_epoch_0030 alexnet-demo.pt
-    python jobs/export.py ~/alexnet-ray-runs/paper-1 alexnet.pt --onnx     # also alexnet.onnx, checked
+    python jobs/export.py ~/alexnet-ray/runs/demo/checkpoint_epoch_0030 alexnet-demo.pt
+    python jobs/export.py ~/alexnet-ray/runs/paper-1 alexnet.pt --onnx     # also alexnet.onnx, checked
                                                                            # against PyTorch (needs [onnx])
 
 The last line printed is one JSON object: out, classes, model_kwargs, onnx, onnx_max_abs_diff.

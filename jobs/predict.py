@@ -4,7 +4,7 @@ Launch commands (copy-paste):
 
     python jobs/predict.py alexnet-demo.pt photo1.jpg photo2.png            # a readable table
     python jobs/predict.py alexnet-demo.pt images/*.jpg --json              # one JSON object per line
-    python jobs/predict.py ~/alexnet-ray-runs/demo photo.jpg --ten-crop     # a checkpoint works too
+    python jobs/predict.py ~/alexnet-ray/runs/demo photo.jpg --ten-crop     # a checkpoint works too
 
 MODEL is an exported file (jobs/export.py) or a checkpoint / run directory. With --json each line is
 {"image": path, "top5": [[class_name, probability], ...]}. An unreadable image gets one error line

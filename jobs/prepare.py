@@ -1,7 +1,7 @@
 """Prepare a dataset: an ImageNet or folder-per-class tree -> Parquet shards of 256x256 JPEGs + manifest.
 
     # ILSVRC2012 (train/<wnid>/*.JPEG, flat val/ + Kaggle's LOC_val_solution.csv), on a Ray cluster
-    # (SRC and OUT on storage every node can read/write, e.g. NFS):
+    # (SRC and OUT on storage every node can read/write: NFS or a bucket):
     ray job submit --working-dir . -- python jobs/prepare.py /data/ILSVRC/Data/CLS-LOC /data/imagenet-256 \
         --val-labels /data/LOC_val_solution.csv
 
@@ -11,12 +11,18 @@
     # any folder-per-class tree (SRC/train/<class>/<image>, SRC/val/<class>/<image>):
     python jobs/prepare.py ~/flowers ~/flowers-256 --layout folder
 
+    # a bucket to a bucket (SRC and OUT are local/NFS paths or s3:// / gs:// URIs; for MinIO & co.
+    # export AWS_ENDPOINT_URL=http://host:9000):
+    python jobs/prepare.py s3://raw/ILSVRC/Data/CLS-LOC s3://datasets/imagenet-256 --val-labels s3://raw/LOC_val_solution.csv
+
     # the embedded demo dataset, stored at 72 px for image_size 64:
     python -c "from alexnet_ray.data.demo import write_demo_dataset; write_demo_dataset('/tmp/demo-src')"
     python jobs/prepare.py /tmp/demo-src /tmp/demo-72 --size 72
 
+Every shard is written by a Ray task straight to OUT, whole or not at all; the manifest comes last.
+Run the same command again after an interruption: finished shards are kept, the rest written.
 Bad files are skipped and listed in OUT/manifest.json ("skipped"); --on-bad-image fail stops at
-the first one, naming it. An existing OUT is refused unless --overwrite.
+the first one, naming it. A finished OUT (with a manifest) is refused unless --overwrite.
 """
 
 import argparse
@@ -27,14 +33,14 @@ from alexnet_ray.data.prepare import prepare_dataset
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="source tree with train/ (and val/)")
-    parser.add_argument("out", help="output folder for shards and manifest.json")
+    parser.add_argument("src", help="source tree with train/ (and val/): a path or a bucket URI")
+    parser.add_argument("out", help="output folder for shards and manifest.json: a path or a bucket URI")
     parser.add_argument("--layout", choices=["auto", "imagenet", "folder"], default="auto")
     parser.add_argument("--val-labels", default=None,
                         help="ImageNet val labels: LOC_val_solution.csv or 'filename wnid' lines")
     parser.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
     parser.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip")
-    parser.add_argument("--shard-mb", type=float, default=256, help="approximate shard size in MB")
+    parser.add_argument("--shard-mb", type=float, default=64, help="approximate shard size in MB (default 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared OUT")
     args = parser.parse_args(argv)
     try:

@@ -3,8 +3,8 @@ curves.png (loss and top-1/top-5 train/val error against epoch), plus each tower
 
 Launch commands (copy-paste):
 
-    python jobs/visualize.py ~/alexnet-ray-runs/demo --out pictures/            # latest checkpoint
-    python jobs/visualize.py ~/alexnet-ray-runs/demo/checkpoint_epoch_0010 --out pictures/epoch10
+    python jobs/visualize.py ~/alexnet-ray/runs/demo --out pictures/            # latest checkpoint
+    python jobs/visualize.py ~/alexnet-ray/runs/demo/checkpoint_epoch_0010 --out pictures/epoch10
 
 Chroma is 0 for grey kernels and grows with colour (see alexnet_ray/visualize.py): in the paper one
 tower's kernels are largely colour-agnostic, the other's colour-specific.

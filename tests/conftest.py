@@ -77,6 +77,46 @@ def tiny_run(prepared_demo, tmp_path_factory):
     return Trainer(tiny_config(prepared_demo, storage, "run.name=shared-tiny")).fit()
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server on loopback (moto's server mode) for the session: AWS_ENDPOINT_URL and dummy
+    credentials in the environment. Ray's workers inherit the environment the cluster started
+    with, so a shared cluster started before this fixture is restarted (whatever the test order)."""
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test-key",
+           "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if ray.is_initialized():
+        ray.shutdown()
+    _start_ray()
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def make_bucket(name: str) -> str:
+    """A new bucket on the session's S3 server (s3_endpoint); returns s3://name."""
+    import pyarrow.fs as pafs
+
+    from alexnet_ray import storage
+
+    filesystem = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"].split("://")[1],
+                                   scheme="http", region="us-east-1", allow_bucket_creation=True)
+    filesystem.create_dir(name)
+    assert storage.is_dir(f"s3://{name}")
+    return f"s3://{name}"
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

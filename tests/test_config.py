@@ -148,8 +148,12 @@ def test_data_path_checks(tmp_path):
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ConfigError, match="broken/manifest.json: unreadable manifest"):
         load_config("tiny", overrides=[f"data.path={broken}"])
-    # remote storage is the workers' business, and check_data=False skips the reads
-    assert load_config("tiny", overrides=["data.path=s3://bucket/imagenet"]).data.path.startswith("s3://")
+    # a bucket is read like a folder (tests/test_object_storage.py); check_data=False skips the reads
+    assert load_config("tiny", overrides=["data.path=s3://bucket/imagenet"], check_data=False).data.path.startswith("s3://")
+    with pytest.raises(ConfigError, match=r"^data.path: s3:///imagenet: no bucket in the URI \(expected s3://BUCKET/path\)$"):
+        load_config("tiny", overrides=["data.path=s3:///imagenet"])
+    with pytest.raises(ConfigError, match=r"^run.storage: gs://: no bucket in the URI"):
+        load_config("tiny", overrides=["run.storage=gs://"], check_data=False)
     load_config("tiny", overrides=[f"data.path={missing}"], check_data=False)
 
 

@@ -42,3 +42,21 @@ def test_tower_pairs_share_a_node_and_replicas_spread(prepared_demo, tmp_path, t
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"] - 0.1
     assert result.metrics["val_top1_error"] < 0.7
     assert result.metrics["val_images"] == 100
+
+
+@pytest.mark.slow
+def test_demo_dataset_is_made_where_it_is_read(tmp_path, two_node_cluster):
+    from alexnet_ray.data.manifest import load_manifest
+    from alexnet_ray.train.trainer import demo_dataset_on_every_node
+
+    path = demo_dataset_on_every_node(64, cache=tmp_path / "cache")
+
+    @ray.remote(num_cpus=0)
+    def classes_here(folder):
+        return ray.get_runtime_context().get_node_id(), load_manifest(folder).classes
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    seen = ray.get([classes_here.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        node, soft=False)).remote(str(path)) for node in nodes])
+    assert sorted(node for node, _ in seen) == sorted(nodes) and len(nodes) == 3
+    assert all(classes == load_manifest(path).classes and len(classes) == 10 for _, classes in seen)

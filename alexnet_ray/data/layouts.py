@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from alexnet_ray import storage
 from alexnet_ray.data.images import IMAGE_EXTENSIONS
 
 LAYOUTS = ("auto", "imagenet", "folder")
@@ -18,28 +22,39 @@ class SourceImage:
     class_name: str
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _tree(folder: str) -> tuple[list[str], dict[str, list[str]]]:
+    """One listing of `folder` (a local path or URI, recursive: one paginated listing on an object
+    store): its visible subfolders' names and, per subfolder, the visible files directly in it.
+    Files directly in `folder` are listed under ""."""
+    root = storage.resolve(folder)[1].rstrip("/")
+    dirs: set[str] = set()
+    files: dict[str, list[str]] = {}
+    for info in storage.list_dir(folder, recursive=True):
+        parts = info.path[len(root) + 1:].split("/")
+        if any(part.startswith(".") for part in parts) or len(parts) > 2:
+            continue
+        if info.type == pafs.FileType.Directory and len(parts) == 1:
+            dirs.add(parts[0])
+        elif info.type == pafs.FileType.File:
+            if len(parts) == 2:
+                dirs.add(parts[0])  # object stores have no folder entries, only keys
+            files.setdefault(parts[0] if len(parts) == 2 else "", []).append(storage.join(folder, *parts))
+    return sorted(dirs), {name: sorted(paths) for name, paths in files.items()}
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def detect_layout(src: Path) -> str:
+def detect_layout(src: str) -> str:
     """'imagenet' when val/ holds images directly, otherwise 'folder'."""
-    val = src / "val"
-    if val.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in _visible_files(val)):
+    _, files = _tree(storage.join(src, "val"))
+    if any(posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS for p in files.get("", [])):
         return "imagenet"
     return "folder"
 
 
-def read_val_labels(path: Path) -> dict[str, str]:
+def read_val_labels(path: str | Path) -> dict[str, str]:
     """File stem -> wnid, from Kaggle's LOC_val_solution.csv or lines of `filename wnid`."""
-    path = Path(path)
-    if not path.is_file():
+    if not storage.is_file(path):
         raise ValueError(f"--val-labels {path} does not exist")
-    text = path.read_text()
+    text = storage.read_text(path)
     labels: dict[str, str] = {}
     if text.startswith("ImageId,"):
         for row in csv.DictReader(text.splitlines()):
@@ -60,50 +75,60 @@ def read_val_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-def _folder_split(folder: Path, class_index: dict[str, int]) -> list[SourceImage]:
+def _stem(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def _folder_split(folder: str, class_index: dict[str, int]) -> list[SourceImage]:
+    dirs, files = _tree(folder)
     images = []
-    for class_dir in _class_dirs(folder):
-        if class_dir.name not in class_index:
-            raise ValueError(f"{class_dir}: class {class_dir.name!r} is not among train/'s classes")
-        label = class_index[class_dir.name]
-        images += [SourceImage(str(p), label, class_dir.name) for p in _visible_files(class_dir)]
+    for name in dirs:
+        if name not in class_index:
+            raise ValueError(f"{storage.join(folder, name)}: class {name!r} is not among train/'s classes")
+        images += [SourceImage(path, class_index[name], name) for path in files.get(name, [])]
     return images
 
 
 def find_images(
-    src: Path, layout: str = "auto", val_labels: str | Path | None = None
+    src: str | Path, layout: str = "auto", val_labels: str | Path | None = None
 ) -> tuple[list[str], dict[str, list[SourceImage]]]:
-    """Classes (sorted train/ folder names; index = label) and every file found, per split."""
-    src = Path(src)
+    """Classes (sorted train/ folder names; index = label) and every file found, per split.
+    `src` is a local path or a URI. ValueError, before any work, when train/ is missing, has no
+    class folders, or has a class folder without files (a class may have no validation images)."""
+    src = storage.absolute(src)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
-    train = src / "train"
-    if not train.is_dir():
+    train = storage.join(src, "train")
+    if not storage.is_dir(train):
         raise ValueError(f"{src}: no train/ folder (expected train/<class>/<image>)")
-    classes = [p.name for p in _class_dirs(train)]
+    classes, train_files = _tree(train)
     if not classes:
-        raise ValueError(f"{train}: no class folders")
+        raise ValueError(f"{train}: no class folders (expected train/<class>/<image>)")
+    empty = [name for name in classes if not train_files.get(name)]
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{storage.join(train, empty[0])}: class folder without training images{more}")
     class_index = {name: i for i, name in enumerate(classes)}
     if layout == "auto":
         layout = detect_layout(src)
-    splits = {"train": _folder_split(train, class_index)}
-    val = src / "val"
+    splits = {"train": [SourceImage(p, class_index[c], c) for c in classes for p in train_files[c]]}
+    val = storage.join(src, "val")
     if layout == "folder":
         if val_labels is not None:
             raise ValueError("--val-labels applies to the imagenet layout only")
-        if val.is_dir():
+        if storage.is_dir(val):
             splits["val"] = _folder_split(val, class_index)
         return classes, splits
-    if not val.is_dir():
+    if not storage.is_dir(val):
         return classes, splits
     if val_labels is None:
         raise ValueError(f"{val} is a flat ImageNet val/ folder: pass --val-labels")
-    wnids = read_val_labels(Path(val_labels))
+    wnids = read_val_labels(val_labels)
     unknown = sorted(set(wnids.values()) - set(class_index))
     if unknown:
         raise ValueError(f"--val-labels {val_labels}: classes {unknown[:5]} are not in train/")
     splits["val"] = [
-        SourceImage(str(p), class_index.get(wnids.get(p.stem, ""), -1), wnids.get(p.stem, ""))
-        for p in _visible_files(val)
+        SourceImage(p, class_index.get(wnids.get(_stem(p), ""), -1), wnids.get(_stem(p), ""))
+        for p in _tree(val)[1].get("", [])
     ]
     return classes, splits

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet_ray import storage
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -27,7 +29,7 @@ class Manifest:
     skipped: list[dict] = field(default_factory=list)
     source: str = ""
     format_version: int = FORMAT_VERSION
-    root: Path | None = None  # the folder the manifest was loaded from (not stored)
+    root: str | None = None  # the folder or URI the manifest was loaded from (not stored)
 
     @property
     def num_classes(self) -> int:
@@ -39,34 +41,39 @@ class Manifest:
     def eigvec(self) -> np.ndarray:
         return np.asarray(self.pca["eigvec"], dtype=np.float32)
 
-    def shard_paths(self, split: str) -> list[Path]:
+    def shard_paths(self, split: str) -> list[str]:
+        """The split's shard files: local paths or URIs, like the dataset's root."""
         if split not in self.splits:
             raise ValueError(f"{self.root}: no split {split!r} (has {sorted(self.splits)})")
-        return [Path(self.root or ".") / s["file"] for s in self.splits[split]["shards"]]
+        return [storage.join(self.root or ".", s["file"]) for s in self.splits[split]["shards"]]
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("root")
         return data
 
-    def save(self, folder: Path) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+    def save(self, folder: str | Path) -> str:
+        """Write folder/manifest.json whole (the last file of a prepared dataset)."""
+        path = storage.join(folder, MANIFEST_NAME)
+        storage.write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Load from a prepared dataset folder or its manifest.json."""
-    path = Path(path)
-    file = path / MANIFEST_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"{path} is not a prepared dataset (no {MANIFEST_NAME}); run jobs/prepare.py")
+    """Load from a prepared dataset folder (local path or URI) or its manifest.json."""
+    path = storage.absolute(path)
+    file = path if storage.base_name(path) == MANIFEST_NAME else storage.join(path, MANIFEST_NAME)
     try:
-        data = json.loads(file.read_text())
-        manifest = Manifest(**data)
+        text = storage.read_text(file)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"{path} is not a prepared dataset (no {MANIFEST_NAME}); run jobs/prepare.py") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {file}: {str(error).splitlines()[0]}") from None
+    try:
+        manifest = Manifest(**json.loads(text))
     except (json.JSONDecodeError, TypeError) as error:
         raise ValueError(f"{file} is not a valid manifest: {error}") from None
     if manifest.format_version != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {manifest.format_version}, expected {FORMAT_VERSION}")
-    manifest.root = file.parent
+    manifest.root = storage.parent(file)
     return manifest

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alexnet_ray import storage
 from alexnet_ray.data.manifest import Manifest
 
 
@@ -36,7 +37,7 @@ class ShardIndex:
                 unit_rows.append(rows)
         rows = np.asarray(unit_rows, dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
-        return cls(tuple(str(p.resolve()) for p in paths), np.asarray(unit_file, np.int64),
+        return cls(tuple(storage.absolute(p) for p in paths), np.asarray(unit_file, np.int64),
                    np.asarray(unit_group, np.int64), starts, rows)
 
     @property
@@ -57,21 +58,23 @@ class ShardIndex:
         units = self.unit_of(row_ids)
         jpegs: list = [None] * len(row_ids)
         labels = np.empty(len(row_ids), dtype=np.int64)
-        open_files: dict[int, pq.ParquetFile] = {}
+        open_files: dict[int, tuple] = {}
         for unit in np.unique(units):
             f = int(self.unit_file[unit])
             if f not in open_files:
-                open_files[f] = pq.ParquetFile(self.files[f], memory_map=True)
+                source = storage.open_input(self.files[f])  # memory-mapped when local
+                open_files[f] = (source, pq.ParquetFile(source))
             # One thread: loader tasks already run one per CPU; Arrow's pool would only add to that.
-            table = open_files[f].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"],
+            table = open_files[f][1].read_row_group(int(self.unit_group[unit]), columns=["jpeg", "label"],
                                                  use_threads=False)
             where = np.nonzero(units == unit)[0]
             offsets = row_ids[where] - self.unit_start[unit]
             for i, value in zip(where.tolist(), _binary_values(table.column("jpeg"), offsets)):
                 jpegs[i] = value
             labels[where] = table.column("label").to_numpy()[offsets]
-        for file in open_files.values():
+        for source, file in open_files.values():
             file.close()
+            source.close()
         return jpegs, labels
 
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from alexnet_ray import storage
 from alexnet_ray.data.augment import augment_eval
 from alexnet_ray.data.images import BadImageError, convert_image, encode_jpeg
 from alexnet_ray.eval.scoring import class_probabilities, resolve_checkpoint, top_k
@@ -28,11 +29,11 @@ class UnreadableImageError(ValueError):
 
 def load_inference_model(path: str | os.PathLike) -> AlexNet:
     """An exported model file, or a training checkpoint (file, directory or run directory), as an
-    AlexNet in eval mode with `.classes` and `.preprocessing`."""
-    path = Path(path)
-    if not path.exists():
+    AlexNet in eval mode with `.classes` and `.preprocessing`. Local paths or URIs."""
+    path = path if storage.is_uri(path) else Path(path)
+    if not storage.exists(path):
         raise ExportError(f"no model at {path}: expected an exported model file or a checkpoint")
-    if path.is_file():
+    if storage.is_file(path):
         try:
             return load_exported(path)
         except ExportError as error:
@@ -47,10 +48,12 @@ def load_inference_model(path: str | os.PathLike) -> AlexNet:
     return exported_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint)).build_model()
 
 
-def _is_checkpoint_file(path: Path) -> bool:
+def _is_checkpoint_file(path: Path | str) -> bool:
+    import io
+
     from alexnet_ray.train.checkpoint import FORMAT
 
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
@@ -84,10 +87,11 @@ def predict_files(model: AlexNet, paths: Sequence[str | os.PathLike], *, k: int 
     for i, path in enumerate(paths):
         results[i]["image"] = str(path)
         try:
-            data = Path(path).read_bytes()
+            data = storage.read_bytes(path)
             pending.append((i, prepare_image(data, model.preprocessing, ten_crop=ten_crop, name=str(path))))
-        except (OSError, UnreadableImageError) as error:
+        except (OSError, ValueError) as error:  # ValueError: UnreadableImageError, a URI without a bucket
             message = str(error) if isinstance(error, UnreadableImageError) else \
+                f"cannot read image: {error}" if isinstance(error, ValueError) else \
                 f"cannot read image {path}: {error.strerror or error}"
             results[i]["error"] = message
         if len(pending) >= batch_size:

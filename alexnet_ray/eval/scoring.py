@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from alexnet_ray.train.checkpoint import WEIGHTS_FILE
+from alexnet_ray import storage
+from alexnet_ray.train.checkpoint import CHECKPOINT_DIR, WEIGHTS_FILE
 from alexnet_ray.train.device_batch import to_model_input
 
 
@@ -21,8 +22,16 @@ class DatasetMismatchError(ValueError):
     """A dataset that does not fit the model (other classes, too small a stored size)."""
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory or file as given; a run directory resolves to its latest checkpoint."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path | str:
+    """A checkpoint directory or file as given; a run directory resolves to its latest checkpoint.
+    Local paths come back as Path, URIs as str."""
+    if storage.is_uri(path):
+        if storage.is_dir(path) and not storage.exists(storage.join(path, WEIGHTS_FILE)):
+            names = sorted(i.base_name for i in storage.list_dir(path) if CHECKPOINT_DIR.fullmatch(i.base_name)
+                           and storage.exists(storage.join(path, i.base_name, WEIGHTS_FILE)))
+            if names:
+                return storage.join(path, names[-1])
+        return str(path)
     path = Path(path)
     if path.is_dir() and not (path / WEIGHTS_FILE).exists():
         candidates = sorted(p for p in path.glob("checkpoint_epoch_*") if (p / WEIGHTS_FILE).exists())

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from alexnet_ray import storage
+
 FORMAT = "alexnet-ray/1"
 WEIGHTS_FILE = "checkpoint.pt"
 CHECKSUM_FILE = "checkpoint.sha256"
@@ -111,7 +113,10 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
-    """Load a checkpoint as tensors and plain data only (weights_only=True: no code is unpickled)."""
+    """Load a checkpoint (a directory or its checkpoint.pt; local or a URI) as tensors and plain
+    data only (weights_only=True: no code is unpickled)."""
+    if storage.is_uri(path):
+        return _load_remote(str(path), verify)
     weights = verify_checkpoint(path) if verify else checkpoint_file(path)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -125,6 +130,22 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
     if missing:
         raise CheckpointError(f"checkpoint {weights} lacks {missing}")
     return state
+
+
+def _load_remote(uri: str, verify: bool) -> dict[str, Any]:
+    """Download the checkpoint directory (only it) and load it; errors name the URI."""
+    directory = storage.parent(uri) if storage.base_name(uri) == WEIGHTS_FILE else uri
+    try:
+        present = storage.exists(storage.join(directory, WEIGHTS_FILE))
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {uri}: {str(e).splitlines()[0]}") from None
+    if not present:
+        raise CheckpointError(f"no checkpoint at {uri}: {WEIGHTS_FILE} not found")
+    with storage.LocalCopy(directory) as local:
+        try:
+            return load_checkpoint(local, verify=verify)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(str(local), directory)) from None
 
 
 def checkpoint_dirs(run_dir: str, filesystem=None) -> list[str]:
@@ -146,7 +167,7 @@ def _load_from(fs, path: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-download-") as local:
         try:
             pafs.copy_files(path, local, source_filesystem=fs)
-        except (OSError, pafs.ArrowException) as e:
+        except (OSError, ValueError) as e:  # pyarrow errors are OSError or ValueError subclasses
             raise CheckpointError(f"cannot download checkpoint {path}: {e}") from None
         return load_checkpoint(local)
 

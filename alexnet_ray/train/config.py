@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from alexnet_ray import storage
+
 
 class ConfigError(ValueError):
     """A configuration the service refuses to run, with one message naming the field or file."""
@@ -91,7 +93,9 @@ class ParallelConfig:
 @dataclass
 class RunConfig:
     name: str | None = None  # None = chosen by the Trainer; the same name resumes
-    storage: str = "runs"  # local dir, NFS path, s3://... or gs://...
+    # local dir, NFS path, s3://... or gs://...; by default a durable place in the driver's home
+    # (never Ray's temporary copy of the working directory), or $ALEXNET_RAY_STORAGE
+    storage: str = field(default_factory=lambda: os.environ.get("ALEXNET_RAY_STORAGE", "~/alexnet-ray/runs"))
     epochs: int = 90
     seed: int = 0
     deterministic: bool = False
@@ -501,8 +505,9 @@ def _validate_numbers(config: Config) -> None:
     _require(r.checkpoint_keep >= 1, f"run.checkpoint_keep={r.checkpoint_keep}: must be >= 1")
     _require(r.progress_interval_s > 0, f"run.progress_interval_s={r.progress_interval_s}: must be > 0")
     _require(bool(r.storage), "run.storage: must name a directory or bucket URI")
+    _location("run.storage", r.storage, lambda: None)
     _require(
-        r.resume_from is None or _is_uri(r.resume_from) or Path(r.resume_from).expanduser().exists(),
+        r.resume_from is None or _location("run.resume_from", r.resume_from, lambda: storage.exists(r.resume_from)),
         f"run.resume_from={r.resume_from}: no such checkpoint",
     )
     _require(
@@ -511,8 +516,15 @@ def _validate_numbers(config: Config) -> None:
     )
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def _location(name: str, location: str, check):
+    """check() on a local path or URI; a URI without a bucket or an unreachable store: one line."""
+    try:
+        storage.resolve(location)
+        return check()
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}={location}: cannot reach it ({str(exc).splitlines()[0]})") from None
 
 
 def _validate_data(config: Config) -> None:
@@ -524,17 +536,14 @@ def _validate_data(config: Config) -> None:
             f"has {DEMO_NUM_CLASSES} classes (set data.path to a prepared dataset, see jobs/prepare.py)",
         )
         return
-    if _is_uri(path):  # remote storage: the Trainer's workers read it; nothing to check here
-        return
-    root = Path(path).expanduser()
-    _require(root.is_dir(), f"data.path={path}: directory does not exist")
-    manifest_path = root / "manifest.json"
+    _require(_location("data.path", path, lambda: storage.is_dir(path)), f"data.path={path}: directory does not exist")
+    manifest_path = storage.join(path, "manifest.json")
     _require(
-        manifest_path.is_file(),
+        storage.is_file(manifest_path),
         f"data.path={path}: not a prepared dataset (no manifest.json); run jobs/prepare.py on it first",
     )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(storage.read_text(manifest_path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{manifest_path}: unreadable manifest ({exc})") from None
     classes = manifest.get("classes") if isinstance(manifest, dict) else None

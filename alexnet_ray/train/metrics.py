@@ -97,9 +97,9 @@ class Progress:
 
 def write_metrics_file(run_dir: str, epoch: int, metrics: dict) -> str:
     """Write metrics/epoch_NNNN.json under the run directory (local or shared filesystem)."""
-    import pyarrow.fs as pafs
+    from alexnet_ray import storage
 
-    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
+    fs, root = storage.resolve(run_dir)
     folder = os.path.join(root, "metrics")
     fs.create_dir(folder, recursive=True)
     path = os.path.join(folder, f"epoch_{epoch:04d}.json")

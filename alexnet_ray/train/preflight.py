@@ -10,10 +10,9 @@ the file. Remote paths (s3://, gs://) are read through the same loaders the work
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import torch
 
+from alexnet_ray import storage
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.model import AlexNet
 from alexnet_ray.train.checkpoint import CheckpointError, load_checkpoint
@@ -33,10 +32,10 @@ def check_inputs(config: Config) -> None:
 def check_dataset(config: Config) -> None:
     """data.path's manifest reads, and lists a train and a val split whose shards exist."""
     path = config.data.path
-    if path is None or "://" in path:  # the embedded demo, or remote storage the workers read
+    if path is None:  # the embedded demo dataset
         return
     try:
-        manifest = load_manifest(Path(path).expanduser())
+        manifest = load_manifest(path)
     except ValueError as error:
         raise ConfigError(f"data.path={path}: {error}") from None
     splits = manifest.splits if isinstance(manifest.splits, dict) else {}
@@ -49,7 +48,7 @@ def check_dataset(config: Config) -> None:
             shards = manifest.shard_paths(split)
         except (KeyError, TypeError):
             raise ConfigError(f"data.path={path}: the manifest's {split!r} split lists no shard files") from None
-        missing = [str(s) for s in shards if not s.is_file()]
+        missing = [s for s in shards if not storage.is_file(s)]
         if missing:
             raise ConfigError(f"data.path={path}: {len(missing)} {split!r} shard(s) listed in the manifest are "
                               f"missing, e.g. {missing[0]}")

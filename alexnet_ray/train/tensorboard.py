@@ -10,7 +10,6 @@ process's lifetime and is flushed after each epoch. Without tensorboardX it does
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any
 
@@ -28,7 +27,9 @@ def available() -> bool:
 
 
 def tensorboard_dir(run_dir: str) -> str:
-    return f"{run_dir.rstrip('/')}/{TENSORBOARD_DIR}" if "://" in run_dir else os.path.join(run_dir, TENSORBOARD_DIR)
+    from alexnet_ray import storage
+
+    return storage.join(run_dir, TENSORBOARD_DIR)
 
 
 def _writer(run_dir: str):

@@ -19,6 +19,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from alexnet_ray import storage
 from alexnet_ray.train import failures, fault_injection, tensorboard
 from alexnet_ray.train.config import Config, copy_config, validate_config
 from alexnet_ray.train.metrics import write_metrics_file
@@ -45,7 +46,8 @@ class MetricsFiles(UserCallback):
 
 def demo_dataset_dir(image_size: int, cache: Path = DEMO_CACHE, seed: int = 0) -> Path:
     """The embedded demo dataset, generated and prepared once into the cache, stored at the size
-    that random `image_size` crops come from (the paper's 224-from-256 ratio)."""
+    that random `image_size` crops come from (the paper's 224-from-256 ratio). Prepared in this
+    process (it is small), so a task can make it on its own node."""
     from alexnet_ray.data.demo import write_demo_dataset
     from alexnet_ray.data.manifest import load_manifest
     from alexnet_ray.data.prepare import prepare_dataset
@@ -58,7 +60,22 @@ def demo_dataset_dir(image_size: int, cache: Path = DEMO_CACHE, seed: int = 0) -
     except ValueError:
         pass
     raw = write_demo_dataset(cache / f"demo-seed{seed}-raw", seed=seed)
-    prepare_dataset(raw, prepared, layout="folder", size=stored, overwrite=True)
+    prepare_dataset(raw, prepared, layout="folder", size=stored, overwrite=True, use_ray=False, progress=False)
+    return prepared
+
+
+def demo_dataset_on_every_node(image_size: int, cache: Path = DEMO_CACHE) -> Path:
+    """The demo dataset at the same path on every node of the cluster: the workers and the loaders'
+    tasks read it where they run, and a driver's home directory is not shared between nodes. The
+    generator is deterministic, so every node holds the same bytes."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    prepared = demo_dataset_dir(image_size, cache)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        make = ray.remote(num_cpus=0)(demo_dataset_dir)
+        ray.get([make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                 .remote(image_size, cache) for node in nodes])
     return prepared
 
 
@@ -103,17 +120,18 @@ class Trainer:
         """The config with data.path set: the given dataset, or the embedded demo prepared once."""
         config = copy_config(self.config)
         if config.data.path is None:
-            config.data.path = str(demo_dataset_dir(config.model.image_size))
-        elif "://" not in config.data.path:
-            config.data.path = str(Path(config.data.path).expanduser().resolve())
+            config.data.path = str(demo_dataset_on_every_node(config.model.image_size))
+        else:
+            config.data.path = storage.absolute(config.data.path)
+        config.run.storage = self.storage_path()
         return config
 
     def run_name(self) -> str:
         return self.config.run.name or time.strftime("alexnet-%Y%m%d-%H%M%S")
 
     def storage_path(self) -> str:
-        storage = self.config.run.storage
-        return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+        """run.storage as every node sees it: a URI, or a local path expanded on the driver."""
+        return storage.absolute(self.config.run.storage)
 
     def fit(self) -> ray.train.Result:
         """Train; ConfigError (before Ray starts, or once connected for the cluster's resources) for
@@ -124,8 +142,12 @@ class Trainer:
         validate_config(config, cluster_resources=ray.cluster_resources(), check_data=True)
         p, run = config.parallel, config.run
         use_gpu = self._use_gpu()
-        name, storage = self.run_name(), self.storage_path()
-        run_dir = f"{storage.rstrip('/')}/{name}"
+        name, storage_dir = self.run_name(), self.storage_path()
+        run_dir = storage.join(storage_dir, name)
+        print(f"run directory: {run_dir}", flush=True)
+        if "runtime_resources" in storage_dir:  # e.g. a relative --storage under `ray job submit --working-dir`
+            print(f"warning: {storage_dir} is inside Ray's temporary copy of the working directory; it is "
+                  "removed with the cluster (give --storage an absolute path or a bucket URI)", flush=True)
         loop_config = {"config": config.to_dict(), "base_lr": config.effective_lr()}
         loop = train_worker
         fault_plan = fault_injection.plan_from_environment()  # tests only; None in normal runs
@@ -144,7 +166,7 @@ class Trainer:
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(p.exchange_timeout_s)),
             run_config=RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=storage_dir,
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
                 callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable()],
