@@ -164,7 +164,7 @@ CASES = {
                                      "{src_no_train}: no train/ folder"),
     "prepare size too small": (("prepare", ["{src}", "{out}", "--size", "4"]), 2, "size=4: must be at least 8"),
     "prepare output not empty": (("prepare", ["{src}", "{nonempty_out}"]), 2,
-                                 "{nonempty_out} already exists and is not empty"),
+                                 "{nonempty_out} is not a prepared dataset (no manifest.json, holds keep.txt)"),
     "prepare val labels missing": (("prepare", ["{src}", "{out}", "--layout", "imagenet", "--val-labels", "{out}.csv"]),
                                    2, "--val-labels {out}.csv does not exist"),
     "prepare layout unknown": (("prepare", ["{src}", "{out}", "--layout", "flat"]), 2,
