@@ -80,9 +80,11 @@ class TowerParallel(nn.Module):
         size = n // self.microbatches
         return list(images.split(size)), list(labels.split(size))
 
-    def forward_backward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_backward(self, images: Tensor, labels: Tensor,
+                         loss_scale: float | None = None) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy over the replica batch and its detached full logits; accumulates the
-        full-batch gradient into the tower's .grad (each micro-batch loss is scaled by its share)."""
+        full-batch gradient into the tower's .grad (each micro-batch loss is scaled by its share).
+        loss_scale: fp16 loss scaling (train/precision.py): the gradients come out multiplied by it."""
         if self._pending_sync:
             raise RuntimeError("call sync_gradients() before the next forward_backward()")
         xs, ys = self._split(images, labels)
@@ -102,7 +104,7 @@ class TowerParallel(nn.Module):
         for m in range(len(xs)):
             full = self._waited(pending[m]).detach().requires_grad_(True)
             loss = F.cross_entropy(full, ys[m], reduction="sum") / n
-            loss.backward()
+            (loss if loss_scale is None else loss * loss_scale).backward()
             losses.append(loss.detach())
             logits.append(full.detach())
             # forward: all-gather; backward: local slice (the loss is replicated on every tower)
