@@ -15,6 +15,9 @@ def _start_ray():
 
     if not ray.is_initialized():
         ray.init(
+            # A new cluster of our own: without it ray.init() joins whatever `ray start` last wrote
+            # into /tmp/ray/ray_current_cluster (another test session's head, seen here).
+            address="local",
             num_cpus=RAY_TEST_CPUS,
             object_store_memory=1 << 30,
             include_dashboard=False,
