@@ -7,10 +7,15 @@ Why its own TMPDIR/RAY_TMPDIR: `ray start` writes `<tmp>/ray/ray_current_cluster
 `ray.init()` in any other process joins the cluster named there (and torch, Ray Train leave caches
 and checkpoints in the temp dir: they go away with the user's).
 
-sshd listens on 127.0.0.1 only, on a free port, with its own config and host key; Ray's launcher
-reaches that port through `auth.ssh_proxy_command` (a small relay), since its SSH runner always
-connects to port 22. Needs root (useradd, sshd) and openssh-server + rsync (installed with apt-get
-when missing).
+Why its own network namespace (`unshare --net`, loopback only): the YAML's head binds fixed ports
+(GCS 6379, object manager 8076, dashboard 8265, and the dashboard agent's 52365, which every
+`ray.init()` cluster on the machine also tries to take): in the namespace they are always free, and
+the suite's clusters never see the node's. sshd runs in it, listening on its 127.0.0.1; Ray's
+launcher reaches it through `auth.ssh_proxy_command` (a small relay started with `nsenter`), and
+job clients run under `nsenter` too (`Node.in_netns`). The node has no network: its pip installs
+must be satisfiable locally (they are: torch, Ray and setuptools are seen through the .pth, and the
+project is built without an isolated build environment). Needs root (useradd, sshd, unshare) and
+openssh-server + rsync (installed with apt-get when missing).
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_head import free_port
-
 SSHD = "/usr/sbin/sshd"
 RELAY = '''import os, socket, sys, threading
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -43,8 +46,10 @@ while data := s.recv(65536):
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool, path in (("openssh-server", SSHD), ("rsync", shutil.which("rsync") or ""),
-                                    ("openssh-client", shutil.which("ssh") or "")) if not os.path.exists(path)]
+    """Debian packages of the tools this needs that are not installed."""
+    tools = (("openssh-server", SSHD), ("rsync", "rsync"), ("openssh-client", "ssh"), ("iproute2", "ip"),
+             ("util-linux", "unshare"), ("util-linux", "nsenter"))
+    return sorted({package for package, tool in tools if not (os.path.exists(tool) or shutil.which(tool))})
 
 
 def install_tools() -> None:
@@ -89,7 +94,11 @@ class Node:
     ssh_port: int
     proxy_command: str
     ray_tmpdir: Path  # the node user's RAY_TMPDIR
-    sshd: subprocess.Popen
+    sshd: subprocess.Popen  # also the holder of the node's network namespace
+
+    def in_netns(self, command: list[str]) -> list[str]:
+        """`command` run in the node's network namespace (its 127.0.0.1 is the node's)."""
+        return ["nsenter", f"--net=/proc/{self.sshd.pid}/ns/net", *command]
 
 
 def start_node() -> Node:
@@ -138,13 +147,16 @@ def start_node() -> Node:
             f'export PATH="$HOME/venv/bin:$PATH"\n'
             f"export TMPDIR={ray_tmpdir} RAY_TMPDIR={ray_tmpdir}\n"
             "export RAY_USAGE_STATS_ENABLED=0\n"
+            # No network in the namespace: build the project with the setuptools the node has (as on
+            # an offline site image) instead of fetching it into an isolated build environment.
+            "export PIP_NO_BUILD_ISOLATION=0\n"
         )
         os.chown(home / ".bashrc", uid, gid)
 
         sshd_dir = root / "sshd"
         sshd_dir.mkdir()
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshd_dir / "host_key"))
-        port = free_port()
+        port = 22  # the namespace's own loopback: nothing else listens there
         (sshd_dir / "sshd_config").write_text(
             f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {sshd_dir / 'host_key'}\n"
             f"PidFile {sshd_dir / 'sshd.pid'}\nAllowUsers {user}\nAuthorizedKeysFile .ssh/authorized_keys\n"
@@ -152,10 +164,13 @@ def start_node() -> Node:
             "UsePAM no\nPermitRootLogin no\nX11Forwarding no\nMaxSessions 50\nMaxStartups 50\n"
         )
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-        sshd = subprocess.Popen([SSHD, "-D", "-f", str(sshd_dir / "sshd_config"), "-E", str(sshd_dir / "log")],
-                                start_new_session=True)
+        sshd = subprocess.Popen(
+            ["unshare", "--net", "--", "sh", "-c",
+             f"ip link set lo up && exec {SSHD} -D -f {sshd_dir / 'sshd_config'} -E {sshd_dir / 'log'}"],
+            start_new_session=True)
         (root / "relay.py").write_text(RELAY)
-        node = Node(user, root, home, key, port, f"{sys.executable} {root / 'relay.py'} {port}", ray_tmpdir, sshd)
+        proxy = f"nsenter --net=/proc/{sshd.pid}/ns/net {sys.executable} {root / 'relay.py'} {port}"
+        node = Node(user, root, home, key, port, proxy, ray_tmpdir, sshd)
         _wait_for_ssh(node)
         return node
     except BaseException:

@@ -4,13 +4,14 @@ start commands, then `ray job submit` runs jobs/train.py --preset tiny with the 
 installed, and `ray down` stops it.
 
 The node is this machine, as a dedicated unprivileged user reached over SSH on loopback
-(tests/ssh_node.py). Only what names a site is overridden: cluster_name, the provider's IPs, auth,
-and the shared-storage path; file sync, setup and start commands are the ones users get.
+(tests/ssh_node.py), in its own network namespace. Only what names a site is overridden:
+cluster_name, the provider's IPs, auth, and the shared-storage path; file sync, setup and start
+commands are the ones users get. The suite's own Ray runs beside it all along and must survive the
+node's `ray stop`s.
 """
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,28 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import _start_ray
-from ray_head import REPO, dashboard_get, Head
+from ray_head import REPO
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a user and runs sshd"),
 ]
-
-# Fixed by the YAML's start commands (GCS, object manager) and Ray's defaults (dashboard, and the
-# dashboard agent's HTTP port, without which the jobs API answers "No available agent").
-HEAD_PORTS = (6379, 8076, 8265, 52365)
-
-
-def _port_taken(port: int) -> bool:
-    """Bound on any address (Ray binds some ports to the node's IP, not loopback)."""
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return True
-    return False
-
 
 def site_config(node, shared: Path) -> dict:
     """cluster/onprem.yaml with this machine's site details; everything else as shipped."""
@@ -66,19 +51,21 @@ def _launcher_env(home: Path, ray_tmpdir: Path) -> dict:
     return env
 
 
-def ray_cli(env, *args, timeout_s=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, cwd=REPO,
+def ray_cli(env, *args, timeout_s=600, node=None) -> subprocess.CompletedProcess:
+    """The `ray` CLI here; with `node`, inside the node's network namespace (the jobs API on its 127.0.0.1)."""
+    command = [sys.executable, "-m", "ray.scripts.scripts", *args]
+    return subprocess.run(node.in_netns(command) if node else command, env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
-def _submit_when_the_agent_is_up(env, job_id: str, entrypoint: str, timeout_s: float = 90):
+def _submit_when_the_agent_is_up(env, node, job_id: str, entrypoint: str, timeout_s: float = 90):
     """`ray job submit` (it waits for the job's end). Right after `ray start` returns, the head's
     dashboard agent may not have registered yet ("No available agent to submit job, please try again
     later"): retry that answer only."""
     deadline = time.monotonic() + timeout_s
     while True:
         submit = ray_cli(env, "job", "submit", "--address", "http://127.0.0.1:8265", "--submission-id", job_id,
-                         "--", "bash", "-c", entrypoint, timeout_s=600)
+                         "--", "bash", "-c", entrypoint, timeout_s=600, node=node)
         if "No available agent" not in submit.stderr + submit.stdout or time.monotonic() > deadline:
             return submit
         time.sleep(2)
@@ -96,33 +83,20 @@ def _node_logs(node, lines: int = 30) -> str:
 
 @pytest.fixture
 def node():
-    import ray
-
     import ssh_node
 
-    # The suite's shared cluster (every ray.init() cluster) holds the dashboard agent's default port
-    # 52365 that the YAML's head needs: stop it; conftest starts it again for the next user.
-    if ray.is_initialized():
-        ray.shutdown()
-    deadline = time.monotonic() + 20  # a cluster just shut down releases its ports in a moment
-    while (taken := [p for p in HEAD_PORTS if _port_taken(p)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if taken:
-        pytest.skip(f"ports {taken} are in use here; the YAML's head needs them")
     started = ssh_node.start_node()
     yield started
     ssh_node.stop_node(started)
-    if ray.is_initialized():  # the test's own (see its end), left by a failure
-        ray.shutdown()
 
 
-def test_ray_up_job_submit_ray_down(node, tmp_path):
-    import ray
+def test_ray_up_job_submit_ray_down(node, tmp_path, ray_cluster):
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
     from alexnet_ray.train.checkpoint import load_checkpoint, verify_checkpoint
     from ssh_node import ssh, user_processes
 
+    suite_node = ray_cluster.get_runtime_context().get_node_id()
     started = time.monotonic()
     shared = node.root / "shared"
     launcher_home = tmp_path / "launcher-home"
@@ -138,11 +112,8 @@ def test_ray_up_job_submit_ray_down(node, tmp_path):
 
     up = ray_cli(env, "up", "-y", "--no-config-cache", str(config_path))
     timings = {"ray up": time.monotonic() - started}
-    suite_node = None
     try:
         assert up.returncode == 0, f"ray up failed:\n{up.stdout[-6000:]}\n{up.stderr[-6000:]}"
-        # Root's own Ray beside the node's, as the suite's is: the node's `ray stop` (ray down) must leave it be.
-        suite_node = _start_ray().get_runtime_context().get_node_id()
         # The node user's Ray wrote its address into its own temp dir, not /tmp/ray.
         assert (node.ray_tmpdir / "ray" / "ray_current_cluster").is_file()
         synced = ssh(node, "cd ~/alexnet-ray && find alexnet_ray jobs -name '*.py' | sort").stdout.split()
@@ -156,19 +127,14 @@ def test_ray_up_job_submit_ray_down(node, tmp_path):
         )
         job_id = f"rayup-{os.getpid()}"
         t0 = time.monotonic()
-        submit = _submit_when_the_agent_is_up(env, job_id, entrypoint)
+        submit = _submit_when_the_agent_is_up(env, node, job_id, entrypoint)
         timings["job"] = time.monotonic() - t0
-        head = Head(None, tmp_path, "", "http://127.0.0.1:8265", env, tmp_path / "none")
-        _, info = dashboard_get(head, f"/api/jobs/{job_id}")
-        _, logs = dashboard_get(head, f"/api/jobs/{job_id}/logs")
-        logs = logs.get("logs", "") if isinstance(logs, dict) else str(logs)
-        status = info.get("status") if isinstance(info, dict) else None
-        if status is None and "failed to bind" in _node_logs(node):
-            # Checked free before `ray up`; another Ray on this machine (ray.init() clusters all try
-            # 52365) took it while the node was set up. Not the launcher's fault; cannot happen when
-            # the suite runs alone, where its own cluster is stopped above.
-            pytest.skip("another Ray on this machine took the dashboard agent's port 52365 during ray up")
-        assert status == "SUCCEEDED", (f"job status {status}: {str(info)[-2000:]}\nsubmit:\n{submit.stdout[-4000:]}\n"
+        address = ("--address", "http://127.0.0.1:8265")
+        info = ray_cli(env, "job", "status", *address, job_id, timeout_s=60, node=node).stdout
+        logs = ray_cli(env, "job", "logs", *address, job_id, timeout_s=60, node=node).stdout
+        match = re.search(rf"Job '{job_id}' (\w+)", info)  # "Job 'rayup-1' succeeded" (or failed, stopped)
+        status = match.group(1) if match else None
+        assert status == "succeeded", (f"job status {status}: {info[-2000:]}\nsubmit:\n{submit.stdout[-4000:]}\n"
                                        f"{submit.stderr[-4000:]}\nlogs:\n{logs[-4000:]}\n{_node_logs(node)}")
         package = re.search(r"package: (\S+)", logs).group(1)
         assert package.startswith(str(node.home / "venv")), package  # pip-installed from the synced copy
@@ -186,9 +152,7 @@ def test_ray_up_job_submit_ray_down(node, tmp_path):
     while [c for c in user_processes(node.user).values() if "ray" in c] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [c for c in user_processes(node.user).values() if "ray" in c], "ray down left the node's Ray running"
-    try:
-        assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == suite_node
-        assert ray.get(ray.remote(lambda: 42).remote()) == 42
-        assert suite_node in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()  # its dashboard agent could not bind 52365 beside the node's: the next user starts afresh
+    # The suite's cluster survived the node's `ray stop`s (start commands and ray down).
+    assert ray_cluster.is_initialized() and ray_cluster.get_runtime_context().get_node_id() == suite_node
+    assert ray_cluster.get(ray_cluster.remote(lambda: 42).remote()) == 42
+    assert suite_node in {n["NodeID"] for n in ray_cluster.nodes() if n["Alive"]}
