@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# e.g. https://download.pytorch.org/whl/cpu for the CPU-only build on any machine (README, "Installing")
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test
@@ -9,7 +11,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install -q -e '.[test,onnx,tensorboard]'
 	touch $@
 

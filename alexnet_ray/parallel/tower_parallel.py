@@ -165,20 +165,22 @@ class TowerParallel(nn.Module):
 
     def forward_backward(self, images: Tensor, labels: Tensor, *, row_offset: int | None = None,
                          global_rows: int | None = None, dropout_step: tuple[int, int, int] | None = None,
-                         loss_scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+                         loss_scale: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Accumulate this replica's share of the global batch's gradient into the tower's .grad;
         return the replica batch's mean cross-entropy and its detached full logits.
 
         row_offset / global_rows: this replica's first row in the step's global batch, and that
         batch's rows (default: equal batches on every replica). dropout_step: (seed, epoch, step)
         keys the masks, so every layout drops the same units (default: ordinary dropout).
-        loss_scale: multiplies the loss before backward (a mixed-precision gradient scaler's scale).
+        loss_scale: multiplies the loss before backward (fp16 loss scaling, train/precision.py): the
+        gradients come out multiplied by it.
         """
         if self._pending_sync:
             raise RuntimeError("call sync_gradients() before the next forward_backward()")
         n, replicas = images.shape[0], mappings.group_size(self.groups.dp_group)
         row_offset = self.groups.replica * n if row_offset is None else row_offset
         global_rows = n * replicas if global_rows is None else global_rows
+        loss_scale = 1.0 if loss_scale is None else loss_scale
         mbs = split_microbatches(images, labels, self.microbatches, row_offset)
         self._dropout_step = dropout_step
         try:

@@ -103,6 +103,7 @@ class RunConfig:
     checkpoint_keep: int = 2
     progress_interval_s: float = 5.0
     resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (alexnet_ray/train/precision.py)
 
 
 SECTIONS: dict[str, type] = {
@@ -121,6 +122,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.lr_scaling": ("none", "linear", "sqrt"),
     "schedule.kind": ("plateau", "step", "cosine"),
     "parallel.use_gpu": ("auto", "true", "false"),
+    "run.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
 

@@ -6,7 +6,6 @@ TorchTrainer, and tests can run it under a small local Ray cluster.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -40,6 +39,7 @@ from alexnet_ray.train.checkpoint import (CheckpointError, NoGoodCheckpointError
 from alexnet_ray.train.config import Config
 from alexnet_ray.train.device_batch import as_tensor, to_model_input
 from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
+from alexnet_ray.train.precision import LossScaler, device_capability, resolve_precision
 from alexnet_ray.train.schedule import make_lr_schedule
 
 
@@ -237,7 +237,9 @@ def train_worker(loop_config: dict) -> None:
         prefetch_batches=config.data.prefetch_batches,
     )
     progress = Progress(config.run.epochs, train_loader.batches_per_epoch, config.run.progress_interval_s, rank == 0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    precision = resolve_precision(config.run.precision, device.type, device_capability(device))
+    autocast = precision.autocast(device.type)
+    scaler = LossScaler(precision.scale_loss, groups)
 
     sizes = train_loader.batch_sizes(groups.replica)
     # Each step's global batch is the replicas' batches in replica order (the last ones may differ).
@@ -273,9 +275,9 @@ def train_worker(loop_config: dict) -> None:
             with autocast:
                 loss, logits = w.model.forward_backward(
                     x, labels, row_offset=row_offsets[step], global_rows=global_rows[step],
-                    dropout_step=(config.run.seed, epoch, step))
+                    dropout_step=(config.run.seed, epoch, step), loss_scale=scaler.loss_scale)
             w.model.sync_gradients()
-            w.optimizer.step()
+            scaler.step(w.optimizer)  # fp16: unscale, skip the step on any rank's overflow
             w.optimizer.zero_grad(set_to_none=True)
             meter.compute_s += time.perf_counter() - t1
             meter.add_batch(float(loss), logits.float(), labels)
