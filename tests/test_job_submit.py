@@ -40,7 +40,8 @@ def test_job_submit_with_token_auth_and_stop_by_pid(tmp_path):
             assert not {".git", ".venv", "runs", "data"} & set(printed["uploaded"])
         else:  # jobs/train.py: its last line is the run summary
             assert {"val_top1_error", "val_top5_error", "train_loss", "epochs", "checkpoint"} <= printed.keys()
-            assert printed["epochs"] == 2 and printed["val_top1_error"] < 0.8
+            # the tiny preset learns (dropout 0.5, two epochs): top-5 well above chance (0.5)
+            assert printed["epochs"] == 2 and printed["val_top5_error"] < 0.35 and printed["val_top1_error"] < 0.9
             assert (tmp_path / "submitted" / "checkpoint_epoch_0002" / "checkpoint.pt").is_file()
             assert printed["checkpoint"].endswith("checkpoint_epoch_0002")
     finally:

@@ -40,7 +40,7 @@ def test_tower_pairs_share_a_node_and_replicas_spread(prepared_demo, tmp_path, t
     assert node_of[2] == node_of[3], "replica 1's towers are split across nodes"
     assert node_of[0] != node_of[2], "both replicas landed on one node"
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"] - 0.1
-    assert result.metrics["val_top1_error"] < 0.7
+    assert result.metrics["val_top5_error"] < 0.35 and result.metrics["val_top1_error"] < 0.9  # chance: 0.5, 0.9
     assert result.metrics["val_images"] == 100
 
 
