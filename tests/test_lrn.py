@@ -36,7 +36,7 @@ def run_both(x, groups, grad):
     return fused, expected, fused_in.grad, torch_in.grad
 
 
-@pytest.mark.parametrize("block", [lrn_module.BLOCK_ELEMENTS, 1 << 40, 700, 60])
+@pytest.mark.parametrize("block", [1 << 40, 20000, 700, 60])
 @pytest.mark.parametrize("shape, groups, scale, channels_last", [
     ((4, 96, 13, 13), 2, 1.0, False),      # random activations, conv1's 96 maps in two towers
     ((4, 96, 13, 13), 2, 1000.0, True),    # large: the denominator is far from k

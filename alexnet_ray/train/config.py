@@ -99,6 +99,7 @@ class RunConfig:
     checkpoint_keep: int = 2
     progress_interval_s: float = 5.0
     resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
+    compile: bool = False  # torch.compile each tower stage (exchanges stay outside the compiled graphs)
 
 
 SECTIONS: dict[str, type] = {
