@@ -216,8 +216,7 @@ def lrn_throughput(device: torch.device, dry_run: bool) -> dict:
         for version in ("torch_lrn", "fused_lrn", "compiled"):
             torch.manual_seed(0)
             net = AlexNet(**model_kwargs).to(device).to(memory_format=torch.channels_last)
-            if version == "torch_lrn":
-                use_torch_lrn(net)
+            use_torch_lrn(net, version == "torch_lrn")
             if version == "compiled":
                 compile_stages(net)  # a fresh compile per batch size
             sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from alexnet_ray.model import Tower
 from alexnet_ray.model.compiled import compile_stages, is_compiled
+from alexnet_ray.model.layers import use_torch_lrn
 from alexnet_ray.parallel import ParallelGroups, Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.train.config import load_config
 
@@ -37,6 +38,7 @@ def _compare(tower_index, towers, groups, backend, where):
     eager = Tower(tower_index, towers, **MODEL)
     compiled = Tower(tower_index, towers, **MODEL)
     compiled.load_state_dict(eager.state_dict())
+    use_torch_lrn(eager, False), use_torch_lrn(compiled, False)  # the fused LRN inside the graphs
     compile_stages(compiled, backend=backend, fullgraph=True)  # fullgraph: a graph break is an error
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(8, 3, 64, 64, generator=gen) * 20  # large enough that LRN's window matters

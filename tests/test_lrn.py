@@ -29,7 +29,7 @@ def assert_equal_to_largest(actual, expected, what):
 
 def run_both(x, groups, grad):
     fused_in, torch_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    fused = GroupedLRN(groups)(fused_in)
+    fused = GroupedLRN(groups, fused=True)(fused_in)
     expected = torch_lrn(torch_in, groups)
     fused.backward(grad)
     expected.backward(grad)
@@ -67,7 +67,7 @@ def test_relu_activations_of_the_model_and_the_model_itself():
     """After a ReLU half the inputs are zero; the whole model with torch's LRN and the fused one."""
     torch.manual_seed(0)
     small = dict(num_classes=10, width=0.25, image_size=64, dropout=0.0)
-    fused_model = AlexNet(**small)
+    fused_model = use_torch_lrn(AlexNet(**small), False)
     torch_model = use_torch_lrn(AlexNet(**small))
     torch_model.load_state_dict(fused_model.state_dict())
     assert [m.fused for m in fused_model.modules() if isinstance(m, GroupedLRN)] == [True]

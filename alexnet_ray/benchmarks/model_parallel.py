@@ -7,8 +7,7 @@ the reference model in this process with 2 threads; 2 towers in 2 processes with
 gloo; the same with micro-batches.  Prints a table and, last, one JSON object with the figures.
 
 The reference step itself in four versions, taking turns step by step (so that the machine's drift
-moves them all alike): torch's LRN (F.local_response_norm per half), the fused LRN (the model's
-default, and the "reference" of the tower comparison), no LRN (`lrn=False`, the floor), and the fused
+moves them all alike): torch's LRN (F.local_response_norm per half), the fused LRN, no LRN (`lrn=False`, the floor), and the fused
 LRN with each stage torch.compile'd (`run.compile`; its first step, compiling, is reported apart).
 
 Memory: bytes of parameters + optimizer state + tensors saved for backward (counted once per
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from ..model import AlexNet, Tower
 from ..model.compiled import compile_stages
-from ..model.layers import use_torch_lrn
+from ..model.layers import FUSED_LRN_DEFAULT, use_torch_lrn
 from ..parallel import Topology, TowerParallel, init_parallel_groups
 
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -70,14 +69,14 @@ def _batch(batch: int, image_size: int, num_classes: int):
 
 
 CONTENDERS = ("torch_lrn", "fused_lrn", "no_lrn", "compiled")
-REFERENCE = "fused_lrn"  # the model's default: the reference the towers are compared with
+# the model's default LRN: the reference the towers (which use the default) are compared with
+REFERENCE = "fused_lrn" if FUSED_LRN_DEFAULT else "torch_lrn"
 
 
 def _contender(name: str, args):
     torch.manual_seed(0)
     model = AlexNet(image_size=args.image_size, width=args.width, lrn=name != "no_lrn").train()
-    if name == "torch_lrn":
-        use_torch_lrn(model)
+    use_torch_lrn(model, name == "torch_lrn")
     if name == "compiled":
         compile_stages(model)
     return model, torch.optim.SGD(model.parameters(), **SGD)
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AlexNet width={args.width} image={args.image_size} batch={args.batch}, fwd+bwd+SGD, "
           f"median of {args.steps} steps ({args.warmup} warm-up), CPU, gloo")
     print(f"{'reference step, by LRN':<40}{'step s':>9}{'x ref':>8}{'first s':>10}{'min s':>9}")
-    labels = {"torch_lrn": "torch's LRN (F.local_response_norm)", "fused_lrn": "fused LRN (the default)",
+    labels = {"torch_lrn": "torch's LRN (F.local_response_norm)", "fused_lrn": "fused LRN",
               "no_lrn": "no LRN (lrn=False, the floor)", "compiled": "fused LRN + torch.compile"}
     for name in CONTENDERS:
         if name in versions:
