@@ -3,12 +3,15 @@
     python tests/gpu_check.py            # prints PASS/FAIL lines, then one JSON object
     python tests/gpu_check.py --cpu      # the same code on the CPU with gloo: a dry run of the script
     python tests/gpu_check.py --trainer  # then Trainer.fit() on the GPU through Ray (1 tower x 1 replica)
+    python tests/gpu_check.py --lrn      # only the LRN figures (section 5): a few minutes on an H200
 
 What a Ray Train worker does on a GPU, without Ray: an NCCL process group, a Tower moved to the
 device in channels_last, bf16 autocast for forward/backward (TowerParallel), the uint8 batch fed
 through training_batches and to_model_input on the device, checkpoint gathers and metric
 all-reduces on device tensors. Checked against the fp32 reference model on the CPU (bf16
-tolerances), then a few SGD steps must lower the loss; last, bf16 throughput of the paper's model.
+tolerances), then a few SGD steps must lower the loss; then bf16 throughput of the paper's model;
+last, its images/s with torch's LRN, the fused LRN and fused + torch.compile, at batch 128 and 256
+(the dry run times a quarter-width model at 64 px, batch 8 and 16).
 Two towers need two GPUs (NCCL refuses two ranks on one device); with one GPU this runs one tower.
 """
 
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alexnet_ray.model import AlexNet, Tower, merge_state_dicts, split_state_dict  # noqa: E402
+from alexnet_ray.model.compiled import compile_stages  # noqa: E402
+from alexnet_ray.model.layers import use_torch_lrn  # noqa: E402
 from alexnet_ray.parallel import (  # noqa: E402
     Topology, TowerParallel, all_reduce_sum, gather_tower_state_dicts, init_parallel_groups,
 )
@@ -57,6 +62,10 @@ def main() -> int:
         device, backend, name = torch.device("cuda", 0), "nccl", torch.cuda.get_device_name(0)
         print(f"torch {torch.__version__}, {name}, NCCL {torch.cuda.nccl.version()}")
     store = tempfile.mktemp(prefix="alexnet-gpu-store-")
+    if "--lrn" in sys.argv:
+        figures = {"device": name, "torch": torch.__version__, **lrn_throughput(device, dry_run)}
+        print(json.dumps(figures))
+        return 0
     dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
                             timeout=timedelta(seconds=120), **({} if dry_run else {"device_id": device}))
     groups = init_parallel_groups(Topology(towers=1, replicas=1))
@@ -184,11 +193,62 @@ def main() -> int:
         figures["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     dist.destroy_process_group()
+    figures.update(lrn_throughput(device, dry_run))
     if "--trainer" in sys.argv:
         figures.update(check_trainer(dry_run))
     figures["failures"] = FAILURES
     print(json.dumps(figures))
     return 1 if FAILURES else 0
+
+
+def lrn_throughput(device: torch.device, dry_run: bool) -> dict:
+    """5. Images/s of the paper's model (bf16 autocast, channels-last, forward+backward+SGD step) with
+    torch's LRN, the fused LRN, and the fused LRN with each stage torch.compile'd; batch 128 and 256."""
+    model_kwargs = dict(num_classes=1000, width=1.0, image_size=224, dropout=0.5)
+    batches, warm, timed = (128, 256), 3, 20
+    if dry_run:
+        model_kwargs.update(width=0.25, image_size=64)
+        batches, warm, timed = (8, 16), 1, 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    size = model_kwargs["image_size"]
+    figures = {}
+    for batch_size in batches:
+        for version in ("torch_lrn", "fused_lrn", "compiled"):
+            torch.manual_seed(0)
+            net = AlexNet(**model_kwargs).to(device).to(memory_format=torch.channels_last)
+            use_torch_lrn(net, version == "torch_lrn")
+            if version == "compiled":
+                compile_stages(net)  # a fresh compile per batch size
+            sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            batch = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+            target = torch.randint(0, 1000, (batch_size,), device=device)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss_ = F.cross_entropy(net(batch).float(), target)
+                loss_.backward()
+                sgd.step()
+                sgd.zero_grad(set_to_none=True)
+
+            start = time.perf_counter()
+            for _ in range(warm):
+                step()
+            sync()
+            warm_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(timed):
+                step()
+            sync()
+            rate = timed * batch_size / (time.perf_counter() - start)
+            figures[f"images_per_s paper model {version} batch {batch_size}"] = round(rate, 1)
+            if version == "compiled":
+                figures[f"compile_warmup_s batch {batch_size}"] = round(warm_s, 1)
+            print(f"     {version}, batch {batch_size}: {rate:,.0f} images/s (warm-up {warm_s:.1f} s)", flush=True)
+            del net, sgd
+    for batch_size in batches:
+        fused = figures[f"images_per_s paper model fused_lrn batch {batch_size}"]
+        figures[f"lrn_speedup batch {batch_size}"] = round(fused / figures[f"images_per_s paper model torch_lrn batch {batch_size}"], 3)
+    return figures
 
 
 def check_trainer(dry_run: bool) -> dict:

@@ -1,10 +1,14 @@
 """Reference AlexNet vs two towers vs two towers with micro-batches: one training step each.
 
-    python jobs/benchmark.py model-parallel [--quick] [--batch 64] [--steps N] [--microbatches 4]
+    python jobs/benchmark.py model-parallel [--quick] [--batch 64] [--steps N] [--microbatches 4] [--no-compile]
 
 Full-size AlexNet, forward + backward + SGD step (momentum 0.9, weight decay 5e-4), synthetic data:
 the reference model in this process with 2 threads; 2 towers in 2 processes with 1 thread each over
 gloo; the same with micro-batches.  Prints a table and, last, one JSON object with the figures.
+
+The reference step itself in four versions, taking turns step by step (so that the machine's drift
+moves them all alike): torch's LRN (F.local_response_norm per half), the fused LRN, no LRN (`lrn=False`, the floor), and the fused
+LRN with each stage torch.compile'd (`run.compile`; its first step, compiling, is reported apart).
 
 Memory: bytes of parameters + optimizer state + tensors saved for backward (counted once per
 storage with torch.autograd.graph.saved_tensors_hooks) held by tower 0, against the reference.
@@ -28,6 +32,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ..model import AlexNet, Tower
+from ..model.compiled import compile_stages
+from ..model.layers import FUSED_LRN_DEFAULT, use_torch_lrn
 from ..parallel import Topology, TowerParallel, init_parallel_groups
 
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -62,27 +68,51 @@ def _batch(batch: int, image_size: int, num_classes: int):
             torch.randint(0, num_classes, (batch,), generator=gen))
 
 
-def run_reference(args) -> dict:
-    torch.set_num_threads(2)
+CONTENDERS = ("torch_lrn", "fused_lrn", "no_lrn", "compiled")
+# the model's default LRN: the reference the towers (which use the default) are compared with
+REFERENCE = "fused_lrn" if FUSED_LRN_DEFAULT else "torch_lrn"
+
+
+def _contender(name: str, args):
     torch.manual_seed(0)
-    model = AlexNet(image_size=args.image_size, width=args.width).train()
-    opt = torch.optim.SGD(model.parameters(), **SGD)
+    model = AlexNet(image_size=args.image_size, width=args.width, lrn=name != "no_lrn").train()
+    use_torch_lrn(model, name == "torch_lrn")
+    if name == "compiled":
+        compile_stages(model)
+    return model, torch.optim.SGD(model.parameters(), **SGD)
+
+
+def run_reference(args) -> dict:
+    """{contender: {"step_s", "min_step_s", "first_step_s"}}, plus "memory" of the reference."""
+    torch.set_num_threads(2)
     images, labels = _batch(args.batch, args.image_size, 1000)
-    times, memory = [], {}
+    names = [n for n in CONTENDERS if n != "compiled" or args.compile]
+    runs = {name: _contender(name, args) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    first: dict[str, float] = {}
+    memory: dict = {}
     for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=False)
-        if step == 0:
-            with count_saved_bytes(memory):
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            model, opt = runs[name]
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
+            if step == 0 and name == REFERENCE:
+                with count_saved_bytes(memory):
+                    loss = F.cross_entropy(model(images), labels)
+            else:
                 loss = F.cross_entropy(model(images), labels)
-        else:
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            loss.backward()
+            opt.step()
+            elapsed = time.perf_counter() - start
+            first.setdefault(name, elapsed)
+            if step >= args.warmup:
+                times[name].append(elapsed)
+    model, opt = runs[REFERENCE]
     memory.update(_state_bytes(list(model.parameters()), opt))
-    return {"step_s": statistics.median(times), "min_step_s": min(times), "memory": memory}
+    result = {name: {"step_s": statistics.median(t), "min_step_s": min(t), "first_step_s": first[name]}
+              for name, t in times.items()}
+    result["memory"] = memory
+    return result
 
 
 def _tower_worker(rank: int, world: int, store: str, args, out_path: str) -> None:
@@ -145,18 +175,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out the compiled reference (compiling takes about a minute of CPU)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.warmup = max(1, args.warmup if args.warmup is not None else (1 if args.quick else 2))  # step 0 compiles
     Topology(2, 1).validate(batch_size=args.batch, microbatches=args.microbatches)
 
-    reference = run_reference(args)
+    versions = run_reference(args)
+    reference = {**versions[REFERENCE], "memory": versions["memory"]}
     towers = run_towers(args)
     one, many = towers[1], towers[args.microbatches]
     ref_s = reference["step_s"]
     mib = 1 << 20
     print(f"AlexNet width={args.width} image={args.image_size} batch={args.batch}, fwd+bwd+SGD, "
           f"median of {args.steps} steps ({args.warmup} warm-up), CPU, gloo")
+    print(f"{'reference step, by LRN':<40}{'step s':>9}{'x ref':>8}{'first s':>10}{'min s':>9}")
+    labels = {"torch_lrn": "torch's LRN (F.local_response_norm)", "fused_lrn": "fused LRN",
+              "no_lrn": "no LRN (lrn=False, the floor)", "compiled": "fused LRN + torch.compile"}
+    for name in CONTENDERS:
+        if name in versions:
+            v = versions[name]
+            print(f"{labels[name]:<40}{v['step_s']:>9.3f}{v['step_s'] / ref_s:>8.2f}{v['first_step_s']:>10.1f}"
+                  f"{v['min_step_s']:>9.3f}")
     print(f"{'layout':<40}{'step s':>9}{'x ref':>8}{'exchange':>10}{'min s':>9}")
     print(f"{'reference, 1 process, 2 threads':<40}{ref_s:>9.3f}{1.0:>8.2f}{'-':>10}{reference['min_step_s']:>9.3f}")
     print(f"{'2 towers, 2 processes x 1 thread':<40}{one['step_s']:>9.3f}{one['step_s'] / ref_s:>8.2f}"
@@ -184,5 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         "tower_memory_bytes": _total(one["memory"]),
         "batch": args.batch, "microbatches": args.microbatches, "steps": args.steps, "quick": args.quick,
     }
+    for name in CONTENDERS:
+        if name in versions:
+            figures[f"step_s_{name}"] = round(versions[name]["step_s"], 4)
+            figures[f"min_step_s_{name}"] = round(versions[name]["min_step_s"], 4)
+    figures["lrn_speedup"] = round(versions["torch_lrn"]["step_s"] / versions["fused_lrn"]["step_s"], 3)
+    figures["lrn_speedup_min"] = round(versions["torch_lrn"]["min_step_s"] / versions["fused_lrn"]["min_step_s"], 3)
+    if "compiled" in versions:
+        figures["compile_first_step_s"] = round(versions["compiled"]["first_step_s"], 1)
     print(json.dumps(figures))
     return 0

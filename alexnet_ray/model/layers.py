@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .lrn import local_response_norm
+
 # Paper widths of the whole network (both towers together), DESIGN.md "The network".
 BASE_WIDTHS = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256, "fc6": 4096, "fc7": 4096}
 LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -14,6 +16,7 @@ LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 GROUPED = ("conv2", "conv4", "conv5")
 # Paper §3.3: k=2, n=5, alpha=1e-4, beta=0.75; torch divides alpha by n, hence 5e-4.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 5e-4, 0.75, 2.0
+FUSED_LRN_DEFAULT = False  # see GroupedLRN
 CONV1 = dict(kernel_size=11, stride=4, padding=2)
 POOLS = {"overlapping": (3, 2), "plain": (2, 2)}
 INITS = ("paper", "caffe", "kaiming")
@@ -113,19 +116,37 @@ class GroupedLRN(nn.Module):
 
     The paper normalised within one GPU's maps; a single LRN over all 96 channels would mix
     channels 47 and 48 across the tower boundary and the two-tower split could not match it.
+    `fused` runs lrn.local_response_norm (use_torch_lrn(model, False) switches a model to it);
+    the default, for now, is torch's own F.local_response_norm per half: with the fused LRN the
+    towers-vs-reference ground truth (tests/test_parallel.py, 2x1) misses its 1e-5 on conv1's
+    momentum after 3 steps (6e-4 of its largest; conv1's gradients are small sums of cancelling
+    terms), though each LRN agrees bit for bit between the reference and the towers.
     """
 
-    def __init__(self, groups: int):
+    def __init__(self, groups: int, fused: bool = FUSED_LRN_DEFAULT):
         super().__init__()
-        self.groups = groups
+        self.groups, self.fused = groups, fused
         self.lrn = nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
 
     def forward(self, x):
+        if self.fused:
+            return local_response_norm(x, LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K, groups=self.groups)
         if self.groups == 1:
             return self.lrn(x)
         import torch
 
         return torch.cat([self.lrn(part) for part in x.chunk(self.groups, dim=1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, fused={self.fused}"
+
+
+def use_torch_lrn(model: nn.Module, torch_lrn: bool = True) -> nn.Module:
+    """Switch every GroupedLRN in `model` to torch's LRN (or back to the fused one); returns model."""
+    for module in model.modules():
+        if isinstance(module, GroupedLRN):
+            module.fused = not torch_lrn
+    return model
 
 
 def activation_module(activation: str) -> nn.Module:

@@ -104,6 +104,7 @@ class RunConfig:
     progress_interval_s: float = 5.0
     resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (alexnet_ray/train/precision.py)
+    compile: bool = False  # torch.compile each tower stage (exchanges stay outside the compiled graphs)
 
 
 SECTIONS: dict[str, type] = {

@@ -30,6 +30,7 @@ import ray.train.torch
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.model import AlexNet, Tower, merge_state_dicts, split_state_dict
+from alexnet_ray.model.compiled import compile_stages
 from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
 from alexnet_ray.train import fault_injection
@@ -155,6 +156,8 @@ def setup_worker(loop_config: dict) -> WorkerState:
     tower.to(device)
     if device.type == "cuda":
         tower.to(memory_format=torch.channels_last)
+    if config.run.compile:
+        compile_stages(tower)
     model = TowerParallel(tower, groups, microbatches=config.parallel.microbatches,
                           exchange_timeout=config.parallel.exchange_timeout_s)
     opt = config.optimizer
@@ -280,6 +283,8 @@ def train_worker(loop_config: dict) -> None:
             scaler.step(w.optimizer)  # fp16: unscale, skip the step on any rank's overflow
             w.optimizer.zero_grad(set_to_none=True)
             meter.compute_s += time.perf_counter() - t1
+            if config.run.compile and rank == 0 and epoch == w.start_epoch and step == 0:
+                print(f"run.compile: first step {time.perf_counter() - t1:.1f} s, compiling the tower's stages", flush=True)
             meter.add_batch(float(loss), logits.float(), labels)
             fault_injection.step_done(epoch, step)
             step += 1
