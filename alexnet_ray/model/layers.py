@@ -16,7 +16,7 @@ LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 GROUPED = ("conv2", "conv4", "conv5")
 # Paper §3.3: k=2, n=5, alpha=1e-4, beta=0.75; torch divides alpha by n, hence 5e-4.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 5e-4, 0.75, 2.0
-FUSED_LRN_DEFAULT = False  # see GroupedLRN
+FUSED_LRN_DEFAULT = True  # see GroupedLRN
 CONV1 = dict(kernel_size=11, stride=4, padding=2)
 POOLS = {"overlapping": (3, 2), "plain": (2, 2)}
 INITS = ("paper", "caffe", "kaiming")
@@ -116,11 +116,8 @@ class GroupedLRN(nn.Module):
 
     The paper normalised within one GPU's maps; a single LRN over all 96 channels would mix
     channels 47 and 48 across the tower boundary and the two-tower split could not match it.
-    `fused` runs lrn.local_response_norm (use_torch_lrn(model, False) switches a model to it);
-    the default, for now, is torch's own F.local_response_norm per half: with the fused LRN the
-    towers-vs-reference ground truth (tests/test_parallel.py, 2x1) misses its 1e-5 on conv1's
-    momentum after 3 steps (6e-4 of its largest; conv1's gradients are small sums of cancelling
-    terms), though each LRN agrees bit for bit between the reference and the towers.
+    `fused` (the default) runs lrn.local_response_norm, one pass each way; False runs torch's own
+    F.local_response_norm per half (use_torch_lrn switches a whole model, for comparisons).
     """
 
     def __init__(self, groups: int, fused: bool = FUSED_LRN_DEFAULT):
