@@ -24,12 +24,13 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
@@ -85,6 +86,26 @@ def _python_for(user: str) -> str:
     raise RuntimeError(f"no {version} that user {user} can run (tried {candidates})")
 
 
+def _let_others_traverse(path: Path) -> list[tuple[Path, int]]:
+    """o+x on every folder above `path` that lacks it (a clone under `mktemp -d` is 0700), so the
+    node user reaches this run's packages; returns (folder, old mode) for `_restore_modes`."""
+    changed = []
+    for folder in reversed(path.parents):
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((folder, stat.S_IMODE(mode)))
+    return changed
+
+
+def _restore_modes(changed: list[tuple[Path, int]]) -> None:
+    for folder, mode in reversed(changed):
+        try:
+            folder.chmod(mode)
+        except OSError:
+            pass
+
+
 @dataclass
 class Node:
     user: str
@@ -95,6 +116,7 @@ class Node:
     proxy_command: str
     ray_tmpdir: Path  # the node user's RAY_TMPDIR
     sshd: subprocess.Popen  # also the holder of the node's network namespace
+    opened: list = field(default_factory=list)  # folders made traversable for the user (restored)
 
     def in_netns(self, command: list[str]) -> list[str]:
         """`command` run in the node's network namespace (its 127.0.0.1 is the node's)."""
@@ -112,7 +134,7 @@ def start_node() -> Node:
     user = f"rayup{os.getpid()}"
     home = root / "home"
     _run("useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/bash", "--user-group", user)
-    node = None
+    node, opened = None, []
     try:
         _run("usermod", "-p", "*", user)  # no password, not locked: sshd lets its key in
         uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
@@ -132,6 +154,7 @@ def start_node() -> Node:
         # The user's Python: a venv that sees this test run's packages through a .pth line (torch and
         # Ray are then "already satisfied" for the YAML's pip installs; only the project is installed).
         python = _python_for(user)
+        opened = _let_others_traverse(Path(sysconfig.get_paths()["purelib"]))
         done = as_user(user, f"{python} -m venv --without-pip ~/venv")
         if done.returncode != 0:
             raise RuntimeError(f"venv for {user}: {done.stderr}")
@@ -170,7 +193,7 @@ def start_node() -> Node:
             start_new_session=True)
         (root / "relay.py").write_text(RELAY)
         proxy = f"nsenter --net=/proc/{sshd.pid}/ns/net {sys.executable} {root / 'relay.py'} {port}"
-        node = Node(user, root, home, key, port, proxy, ray_tmpdir, sshd)
+        node = Node(user, root, home, key, port, proxy, ray_tmpdir, sshd, opened)
         _wait_for_ssh(node)
         return node
     except BaseException:
@@ -179,6 +202,7 @@ def start_node() -> Node:
         else:
             subprocess.run(["userdel", "--remove", user], capture_output=True)
             shutil.rmtree(root, ignore_errors=True)
+            _restore_modes(opened)
         raise
 
 
@@ -237,4 +261,5 @@ def stop_node(node: Node) -> dict[int, str]:
         time.sleep(0.2)
     subprocess.run(["userdel", "--remove", node.user], capture_output=True)
     shutil.rmtree(node.root, ignore_errors=True)
+    _restore_modes(node.opened)
     return left
