@@ -151,7 +151,7 @@ def export_onnx(model: AlexNet, out: str | os.PathLike) -> Path:
     """Write `model` as ONNX with a dynamic batch dimension (input "images", output "logits")."""
     _require_onnx()
     out = Path(out)
-    size = model.model_kwargs["image_size"]
+    size = model.config.image_size
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
@@ -166,7 +166,7 @@ def check_onnx(model: AlexNet, path: str | os.PathLike, *, batch: int = 4, seed:
     _require_onnx()
     import onnxruntime
 
-    size = model.model_kwargs["image_size"]
+    size = model.config.image_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = model(x).numpy()

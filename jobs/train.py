@@ -16,32 +16,20 @@ import argparse
 import json
 import sys
 
+from alexnet_ray.train.config import ConfigError, add_config_arguments, config_from_args
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="paper | demo | tiny (default: demo, or the --config file's)")
-    p.add_argument("--config", default=None, help="YAML file with any config sections")
-    p.add_argument("--data", default=None, help="a prepared dataset (jobs/prepare.py); default: the embedded demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--storage", default=None, help="where runs and checkpoints live (local path, NFS, s3://, gs://)")
-    p.add_argument("--name", default=None, help="run name; the same name under the same storage resumes")
-    p.add_argument("--resume-from", default=None, help="a checkpoint to start from (any layout)")
+    add_config_arguments(p)
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from alexnet_ray.train.config import ConfigError, load_config
-
-    overrides = list(args.overrides)
-    for key, value in (("data.path", args.data), ("run.epochs", args.epochs), ("run.storage", args.storage),
-                       ("run.name", args.name), ("run.resume_from", args.resume_from)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
     try:
-        config = load_config(preset=args.preset, path=args.config, overrides=overrides)
+        config = config_from_args(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from alexnet_ray.data.manifest import Manifest
 from alexnet_ray.train.config import (
     PRESETS,
     Config,
@@ -123,7 +124,8 @@ def test_bad_yaml_files(tmp_path):
 
 def _prepared(root, classes, size=256):
     root.mkdir()
-    (root / "manifest.json").write_text(json.dumps({"classes": classes, "size": size}))
+    Manifest(classes=classes, splits={}, size=size, mean=[0.5] * 3, std=[0.25] * 3,
+             pca={"eigval": [1.0] * 3, "eigvec": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]}).save(root)
     return root
 
 
@@ -138,7 +140,10 @@ def test_data_path_checks(tmp_path):
     five = _prepared(tmp_path / "five", [f"c{i}" for i in range(5)])
     with pytest.raises(ConfigError, match="model.num_classes=10 does not match the 5 classes in .*five/manifest.json"):
         load_config("tiny", overrides=[f"data.path={five}"])
-    c = load_config("tiny", overrides=[f"data.path={five}", "model.num_classes=5"])
+    # fc8's 5 outputs do not split over the tiny preset's 2 towers: refused before any worker starts
+    with pytest.raises(ConfigError, match=r"model.num_classes=5: does not split evenly over 2 towers \(fc8\)"):
+        load_config("tiny", overrides=[f"data.path={five}", "model.num_classes=5"])
+    c = load_config("tiny", overrides=[f"data.path={five}", "model.num_classes=5", "parallel.towers=1"])
     assert c.data.path == str(five)
     small = _prepared(tmp_path / "small", [f"c{i}" for i in range(10)], size=48)
     with pytest.raises(ConfigError, match="model.image_size=64 is larger than the dataset's 48x48 images"):

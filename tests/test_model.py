@@ -70,18 +70,18 @@ def test_paper_and_caffe_init():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(width=0.01), "model.width=0.01 leaves conv1 with 0 channels"),
+    (dict(width=0.01), "model.width=0.01: leaves conv1 with 0 channels"),
     (dict(width=0.3), "leaves conv3 with 115 channels, odd"),
     (dict(width=-1), "model.width=-1"),
-    (dict(image_size=62), "model.image_size=62 is too small"),
+    (dict(image_size=62), "model.image_size=62: too small"),
     (dict(image_size=64, pool="plain"), None),
     (dict(activation="gelu"), "model.activation='gelu'"),
     (dict(pool="avg"), "model.pool='avg'"),
     (dict(init="xavier"), "model.init='xavier'"),
     (dict(dropout=1.0), "model.dropout=1.0"),
     (dict(num_classes=0), "model.num_classes=0"),
-    (dict(num_classes=7, towers=2), "model.num_classes=7 does not split evenly over 2 towers"),
-    (dict(towers=3), "parallel.towers=3"),
+    (dict(num_classes=7, towers=2), "model.num_classes=7: does not split evenly over 2 towers"),
+    (dict(towers=3), "parallel.towers=3: must be 1 or 2"),
 ])
 def test_check_model_args(kwargs, message):
     if message is None:

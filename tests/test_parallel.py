@@ -75,10 +75,10 @@ def test_topology_ranks():
 
 
 @pytest.mark.parametrize("topo, kwargs, message", [
-    (Topology(3, 1), {}, "parallel.towers=3 must be 1 or 2"),
+    (Topology(3, 1), {}, "parallel.towers=3: must be 1 or 2"),
     (Topology(2, 0), {}, "parallel.replicas=0"),
     (Topology(2, 2), dict(world_size=3), "world size 3 != parallel.towers x parallel.replicas = 2 x 2"),
-    (Topology(2, 2), dict(batch_size=0, microbatches=4), "batch_size=0 must be a positive integer"),
+    (Topology(2, 2), dict(batch_size=0, microbatches=4), "batch_size=0: must be >= 1"),
     (Topology(1, 1), dict(microbatches=0), "parallel.microbatches=0"),
 ])
 def test_bad_layouts_raise_before_any_process_group(topo, kwargs, message):

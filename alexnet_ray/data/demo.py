@@ -18,6 +18,7 @@ from PIL import Image
 
 SHAPES = ("disk", "square", "ring", "hbars", "vbars", "checker", "cross", "diagonal", "dots", "triangle")
 MARKER = ".demo.json"
+DEMO_NUM_CLASSES = 10  # the demo preset's model.num_classes; up to 10 x len(SHAPES) can be written
 
 
 def _shape_mask(shape: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,7 +72,7 @@ def write_demo_dataset(
     root: str | Path,
     *,
     seed: int = 0,
-    num_classes: int = 10,
+    num_classes: int = DEMO_NUM_CLASSES,
     train_per_class: int = 40,
     val_per_class: int = 10,
 ) -> Path:

@@ -72,7 +72,7 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         manifest = Manifest(**json.loads(text))
     except (json.JSONDecodeError, TypeError) as error:
-        raise ValueError(f"{file} is not a valid manifest: {error}") from None
+        raise ValueError(f"{file}: unreadable manifest ({error})") from None
     if manifest.format_version != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {manifest.format_version}, expected {FORMAT_VERSION}")
     manifest.root = storage.parent(file)

@@ -1,7 +1,15 @@
 """Pure-torch reference AlexNet, one Tower, and state-dict split/merge. No Ray, no torch.distributed."""
 
-from .layers import LAYER_NAMES, ModelPlan, check_model_args, min_image_size, spatial_sizes
-from .network import (
+from alexnet_ray.model.config import (
+    LAYER_NAMES,
+    ModelConfig,
+    ModelPlan,
+    check_model_args,
+    check_towers,
+    min_image_size,
+    spatial_sizes,
+)
+from alexnet_ray.model.network import (
     EXCHANGE_DIM,
     EXCHANGE_POINTS,
     NUM_STAGES,
@@ -13,7 +21,7 @@ from .network import (
 )
 
 __all__ = [
-    "AlexNet", "Tower", "split_state_dict", "merge_state_dicts", "check_model_args", "ModelPlan",
-    "spatial_sizes", "min_image_size", "LAYER_NAMES", "EXCHANGE_POINTS", "EXCHANGE_DIM", "NUM_STAGES",
-    "STAGE_LAYERS",
+    "AlexNet", "Tower", "ModelConfig", "ModelPlan", "split_state_dict", "merge_state_dicts", "check_model_args",
+    "check_towers", "spatial_sizes", "min_image_size", "LAYER_NAMES", "EXCHANGE_POINTS", "EXCHANGE_DIM",
+    "NUM_STAGES", "STAGE_LAYERS",
 ]

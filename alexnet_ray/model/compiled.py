@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .network import NUM_STAGES
+from alexnet_ray.model.network import NUM_STAGES
 
 
 def _stage_function(eager: Callable, index: int) -> Callable:

@@ -12,16 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .dropout import StepDropout
-from .layers import (
-    CONV1,
-    POOLS,
-    GroupedLRN,
-    ModelPlan,
-    activation_module,
-    check_model_args,
-    init_weights,
-)
+from alexnet_ray.model.config import CONV1, LAYER_NAMES, POOLS, ModelConfig, check_towers, model_config
+from alexnet_ray.model.dropout import StepDropout
+from alexnet_ray.model.layers import GroupedLRN, activation_module, init_weights
 
 # Exchange points, named by the layer that consumes the gathered tensor, and the dim gathered.
 EXCHANGE_POINTS = ("conv3", "fc6", "fc7", "fc8", "logits")
@@ -40,13 +33,12 @@ def _no_exchange(point: str, tensor: Tensor) -> Tensor:
 class _StagedAlexNet(nn.Module):
     """Layers for `tower` of `towers` (towers=1: the whole network, conv2/4/5 grouped in two)."""
 
-    def __init__(self, tower: int, towers: int, model_kwargs: dict):
+    def __init__(self, tower: int, towers: int, config: ModelConfig):
         super().__init__()
-        plan: ModelPlan = check_model_args(**model_kwargs, towers=towers)
+        plan = config.plan(towers)
         if not isinstance(tower, int) or not 0 <= tower < towers:
             raise ValueError(f"tower={tower!r} must be in 0..{towers - 1}")
-        self.tower, self.towers, self.plan = tower, towers, plan
-        self.model_kwargs = dict(model_kwargs)
+        self.tower, self.towers, self.plan, self.config = tower, towers, plan, config
         w = {name: c // towers for name, c in plan.widths.items()}
         full = plan.widths
         halves = 2 // towers  # groups inside one module: 2 for the reference, 1 for a tower
@@ -58,16 +50,13 @@ class _StagedAlexNet(nn.Module):
         self.fc6 = nn.Linear(plan.fc6_in, w["fc6"])
         self.fc7 = nn.Linear(full["fc6"], w["fc7"])
         self.fc8 = nn.Linear(full["fc7"], plan.num_classes // towers)
-        self.act = activation_module(model_kwargs.get("activation", "relu"))
-        self.lrn = GroupedLRN(halves) if model_kwargs.get("lrn", True) else nn.Identity()
-        kernel, stride = POOLS[model_kwargs.get("pool", "overlapping")]
-        self.pool = nn.MaxPool2d(kernel, stride)
-        p = model_kwargs.get("dropout", 0.5)
+        self.act = activation_module(config.activation)
+        self.lrn = GroupedLRN(halves) if config.lrn else nn.Identity()
+        self.pool = nn.MaxPool2d(*POOLS[config.pool])
         # Masks keyed by global position: this tower's columns of the whole layer (see dropout.py).
-        self.dropout6 = StepDropout(p, 6, tower * w["fc6"], full["fc6"])
-        self.dropout7 = StepDropout(p, 7, tower * w["fc7"], full["fc7"])
-        init_weights({n: getattr(self, n) for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")},
-                     model_kwargs.get("init", "paper"))
+        self.dropout6 = StepDropout(config.dropout, 6, tower * w["fc6"], full["fc6"])
+        self.dropout7 = StepDropout(config.dropout, 7, tower * w["fc7"], full["fc7"])
+        init_weights({name: getattr(self, name) for name in LAYER_NAMES}, config.init)
 
     def stage(self, index: int, x: Tensor) -> Tensor:
         """Stage `index` (0..4): its input is the gathered output of stage index-1 (the images for 0)."""
@@ -109,15 +98,13 @@ class _StagedAlexNet(nn.Module):
 class AlexNet(_StagedAlexNet):
     """The paper's network in one process: conv2/4/5 grouped in two halves, LRN within each half.
 
-    conv1 uses padding 2, so 224 -> 55 -> 27 -> 13 -> 13 -> 13 -> 6 as in the paper (227 without
-    padding is the other common reading). Defaults have 60,965,224 parameters.
+    Built from a ModelConfig, or its fields by keyword: `AlexNet(config)`, `AlexNet(num_classes=10)`,
+    `AlexNet(config, width=0.5)`. conv1 uses padding 2, so 224 -> 55 -> 27 -> 13 -> 13 -> 13 -> 6 as
+    in the paper (227 without padding is the other common reading). Defaults have 60,965,224 parameters.
     """
 
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, image_size: int = 224, dropout: float = 0.5,
-                 init: str = "paper", activation: str = "relu", lrn: bool = True, pool: str = "overlapping"):
-        kwargs = dict(num_classes=num_classes, width=width, image_size=image_size, dropout=dropout, init=init,
-                      activation=activation, lrn=lrn, pool=pool)
-        super().__init__(0, 1, kwargs)
+    def __init__(self, config: ModelConfig | None = None, **fields):
+        super().__init__(0, 1, model_config(config, **fields))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_staged(x)
@@ -126,16 +113,13 @@ class AlexNet(_StagedAlexNet):
 class Tower(_StagedAlexNet):
     """One tower's half of every layer; parameter names equal the reference's.
 
-    `forward(x, exchange)` needs `exchange` for towers=2 (the parallel layer supplies it);
-    towers=1 is the whole model and needs none.
+    `Tower(index, towers, config)` or `Tower(index, towers, num_classes=10, ...)`. `forward(x,
+    exchange)` needs `exchange` for towers=2 (the parallel layer supplies it); towers=1 is the whole
+    model and needs none.
     """
 
-    def __init__(self, tower: int, towers: int, num_classes: int = 1000, width: float = 1.0, image_size: int = 224,
-                 dropout: float = 0.5, init: str = "paper", activation: str = "relu", lrn: bool = True,
-                 pool: str = "overlapping"):
-        kwargs = dict(num_classes=num_classes, width=width, image_size=image_size, dropout=dropout, init=init,
-                      activation=activation, lrn=lrn, pool=pool)
-        super().__init__(tower, towers, kwargs)
+    def __init__(self, tower: int, towers: int, config: ModelConfig | None = None, **fields):
+        super().__init__(tower, towers, model_config(config, **fields))
 
     def forward(self, x: Tensor, exchange: Exchange | None = None) -> Tensor:
         if exchange is None:
@@ -147,7 +131,7 @@ class Tower(_StagedAlexNet):
     @classmethod
     def from_reference(cls, model: AlexNet, tower: int, towers: int) -> "Tower":
         """This tower of `model`, with the reference's weights."""
-        result = cls(tower, towers, **model.model_kwargs)
+        result = cls(tower, towers, model.config)
         result.load_state_dict(split_state_dict(model.state_dict(), towers)[tower])
         return result
 
@@ -156,8 +140,7 @@ def split_state_dict(state_dict: dict[str, Tensor], towers: int) -> list[dict[st
     """One dict per tower. Every layer splits along its output dim 0: conv2/4/5 are grouped in the
     reference, so their output half t already reads only input half t. Works for any name-keyed dict
     shaped like the parameters (SGD momentum buffers too); 0-d entries are copied to every tower."""
-    if towers not in (1, 2):
-        raise ValueError(f"towers={towers!r} must be 1 or 2")
+    check_towers(towers)
     result: list[dict[str, Tensor]] = [{} for _ in range(towers)]
     for name, tensor in state_dict.items():
         if tensor.dim() == 0:

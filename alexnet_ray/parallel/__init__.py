@@ -1,6 +1,6 @@
 """Topology, process groups, the cross-connect exchanges, micro-batch schedule, data-parallel sync."""
 
-from .mappings import (
+from alexnet_ray.parallel.mappings import (
     ExchangeTimeoutError,
     all_reduce_sum,
     broadcast_from_tower0,
@@ -8,8 +8,8 @@ from .mappings import (
     gather_logits_from_tower_pair,
     gather_tower_state_dicts,
 )
-from .topology import ParallelGroups, Topology, init_parallel_groups
-from .tower_parallel import TowerParallel
+from alexnet_ray.parallel.topology import ParallelGroups, Topology, init_parallel_groups
+from alexnet_ray.parallel.tower_parallel import TowerParallel
 
 __all__ = [
     "Topology", "ParallelGroups", "init_parallel_groups", "TowerParallel", "ExchangeTimeoutError",

@@ -7,11 +7,20 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from alexnet_ray.model import check_towers
 
-def _positive_int(value, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field}={value!r} must be a positive integer")
+
+def positive_int(value, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{field}={value!r}: must be an integer")
+    if value < 1:
+        raise ValueError(f"{field}={value!r}: must be >= 1")
     return value
+
+
+def check_microbatches(microbatches) -> int:
+    """Any batch splits over any micro-batch count (near-equal parts): only a count below 1 is refused."""
+    return positive_int(microbatches, "parallel.microbatches")
 
 
 @dataclass(frozen=True)
@@ -52,15 +61,14 @@ class Topology:
         """ValueError naming the field for towers not in {1, 2}, a world size other than towers x
         replicas, or a batch size or micro-batch count below 1. Any batch splits over any
         micro-batch count (near-equal parts), so nothing else is refused."""
-        if self.towers not in (1, 2) or isinstance(self.towers, bool):
-            raise ValueError(f"parallel.towers={self.towers!r} must be 1 or 2")
-        _positive_int(self.replicas, "parallel.replicas")
-        _positive_int(microbatches, "parallel.microbatches")
+        check_towers(self.towers)
+        positive_int(self.replicas, "parallel.replicas")
+        check_microbatches(microbatches)
         if world_size is not None and world_size != self.world_size:
             raise ValueError(
                 f"world size {world_size} != parallel.towers x parallel.replicas = {self.towers} x {self.replicas}")
         if batch_size is not None:
-            _positive_int(batch_size, "batch_size")
+            positive_int(batch_size, "batch_size")
         return self
 
 

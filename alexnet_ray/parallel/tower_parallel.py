@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import EXCHANGE_DIM, EXCHANGE_POINTS, NUM_STAGES, Tower
-from . import mappings
-from .topology import ParallelGroups
+from alexnet_ray.model import EXCHANGE_DIM, EXCHANGE_POINTS, NUM_STAGES, Tower
+from alexnet_ray.parallel import mappings
+from alexnet_ray.parallel.topology import ParallelGroups, check_microbatches
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,7 @@ class TowerParallel(nn.Module):
     def __init__(self, tower: Tower, groups: ParallelGroups, microbatches: int = 1,
                  exchange_timeout: float | None = None, overlap_grad_sync: bool = True):
         super().__init__()
-        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
-            raise ValueError(f"parallel.microbatches={microbatches!r} must be a positive integer")
+        check_microbatches(microbatches)
         if tower.towers != groups.topology.towers or tower.tower != groups.tower:
             raise ValueError(f"Tower({tower.tower}, {tower.towers}) does not match this rank's place "
                              f"(tower {groups.tower} of {groups.topology.towers})")

@@ -9,7 +9,6 @@ the file. Remote paths (s3://, gs://) are read through the same loaders the work
 
 from __future__ import annotations
 
-import dataclasses
 import torch
 
 from alexnet_ray import storage
@@ -71,7 +70,7 @@ def check_resume_from(config: Config) -> None:
 def model_mismatch(state: dict, config: Config) -> str | None:
     """Why the checkpoint's weights do not fit `config.model`, or None when every name and shape fits."""
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        expected = {k: tuple(v.shape) for k, v in AlexNet(**dataclasses.asdict(config.model)).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in AlexNet(config.model).state_dict().items()}
     weights = state.get("model")
     if not isinstance(weights, dict):
         return "the checkpoint holds no model weights"
@@ -88,6 +87,6 @@ def model_mismatch(state: dict, config: Config) -> str | None:
     if problem is None:
         return None
     saved = (state.get("config") or {}).get("model") or {}
-    differ = [f"model.{k}={saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(config.model).items()
+    differ = [f"model.{k}={saved[k]!r} there, {v!r} here" for k, v in config.model.to_dict().items()
               if k in saved and saved[k] != v]
     return problem + (f" ({'; '.join(differ)})" if differ else "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from alexnet_ray.train.config import ScheduleConfig
+from alexnet_ray.train.config.schema import SCHEDULE_KINDS, ScheduleConfig
 
 
 class LRSchedule:
@@ -26,8 +26,8 @@ class LRSchedule:
     """
 
     def __init__(self, config: ScheduleConfig, base_lr: float, epochs: int) -> None:
-        if config.kind not in ("plateau", "step", "cosine"):
-            raise ValueError(f"schedule.kind={config.kind!r}: expected plateau, step or cosine")
+        if config.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule.kind={config.kind!r}: expected one of {', '.join(SCHEDULE_KINDS)}")
         if base_lr <= 0:
             raise ValueError(f"base_lr={base_lr}: must be > 0")
         if epochs < 1:
