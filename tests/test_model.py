@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet_ray.model import AlexNet, Tower, check_model_args, merge_state_dicts, split_state_dict
+from alexnet_ray.model import AlexNet, ModelConfig, Tower, merge_state_dicts, split_state_dict
 
 SMALL = dict(num_classes=10, width=0.25, image_size=64, dropout=0.0)
 
@@ -83,12 +83,13 @@ def test_paper_and_caffe_init():
     (dict(num_classes=7, towers=2), "model.num_classes=7: does not split evenly over 2 towers"),
     (dict(towers=3), "parallel.towers=3: must be 1 or 2"),
 ])
-def test_check_model_args(kwargs, message):
+def test_model_config_plan_checks_every_field(kwargs, message):
+    towers = kwargs.pop("towers", 1)
     if message is None:
-        check_model_args(**kwargs)
+        ModelConfig(**kwargs).plan(towers)
         return
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        check_model_args(**kwargs)
+        ModelConfig(**kwargs).plan(towers)
 
 
 def test_bad_args_fail_at_construction():
@@ -201,3 +202,19 @@ def test_model_dropout_follows_the_step_key():
     model.eval()
     assert torch.equal(model(x), model(x))
     assert model.state_dict().keys() == AlexNet(**SMALL).state_dict().keys()  # no new checkpoint entries
+
+
+def test_built_from_a_model_config_or_its_fields_alike():
+    config = ModelConfig(**SMALL)
+    torch.manual_seed(0)
+    from_config = AlexNet(config)
+    torch.manual_seed(0)
+    from_fields = AlexNet(**SMALL)
+    assert from_config.config == from_fields.config == config
+    assert all(torch.equal(a, b) for a, b in zip(from_config.state_dict().values(), from_fields.state_dict().values()))
+    wider = AlexNet(config, width=0.5)  # a field by keyword replaces the config's
+    assert wider.config.width == 0.5 and config.width == 0.25 and wider.conv1.out_channels == 48
+    tower = Tower(1, 2, config)
+    assert tower.config == config and tower.conv1.out_channels == 12 and tower.fc8.out_features == 5
+    with pytest.raises(TypeError, match="expected a ModelConfig, got int"):
+        AlexNet(10)

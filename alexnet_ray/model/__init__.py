@@ -4,7 +4,6 @@ from alexnet_ray.model.config import (
     LAYER_NAMES,
     ModelConfig,
     ModelPlan,
-    check_model_args,
     check_towers,
     min_image_size,
     spatial_sizes,
@@ -21,7 +20,7 @@ from alexnet_ray.model.network import (
 )
 
 __all__ = [
-    "AlexNet", "Tower", "ModelConfig", "ModelPlan", "split_state_dict", "merge_state_dicts", "check_model_args",
-    "check_towers", "spatial_sizes", "min_image_size", "LAYER_NAMES", "EXCHANGE_POINTS", "EXCHANGE_DIM",
+    "AlexNet", "Tower", "ModelConfig", "ModelPlan", "split_state_dict", "merge_state_dicts", "check_towers",
+    "spatial_sizes", "min_image_size", "LAYER_NAMES", "EXCHANGE_POINTS", "EXCHANGE_DIM",
     "NUM_STAGES", "STAGE_LAYERS",
 ]

@@ -101,11 +101,6 @@ def check_towers(towers) -> int:
     return towers
 
 
-def check_model_args(towers: int = 1, **fields) -> ModelPlan:
-    """ModelConfig(**fields).plan(towers), for callers holding keyword arguments."""
-    return ModelConfig(**fields).plan(towers)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
