@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AlexNet": ("alexnet_ray.model", "AlexNet"),
     "Tower": ("alexnet_ray.model", "Tower"),
+    "ModelConfig": ("alexnet_ray.model", "ModelConfig"),
     "Trainer": ("alexnet_ray.train.trainer", "Trainer"),
     "Config": ("alexnet_ray.train.config", "Config"),
     "load_exported": ("alexnet_ray.export", "load_exported"),
