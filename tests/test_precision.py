@@ -12,7 +12,7 @@ from alexnet_ray.model import AlexNet, Tower, split_state_dict
 from alexnet_ray.parallel import Topology, TowerParallel
 from alexnet_ray.parallel.topology import ParallelGroups
 from alexnet_ray.train.config import ConfigError, load_config
-from alexnet_ray.train.precision import LossScaler, PrecisionError, _cpu_autocast_dtypes, resolve_precision
+from alexnet_ray.train.precision import LossScaler, PrecisionError, cpu_autocast_dtypes, resolve_precision
 
 V100, T4, A100, H200 = (7, 0), (7, 5), (8, 0), (9, 0)
 
@@ -47,7 +47,7 @@ def test_unknown_precision_is_refused_before_any_worker_starts():
 
 def test_cpu_autocast_has_fp16_in_this_torch():
     """The fp16-on-CPU comparison below relies on it (torch >= 2.4 has fp16 CPU autocast)."""
-    assert {torch.float16, torch.bfloat16} <= _cpu_autocast_dtypes()
+    assert {torch.float16, torch.bfloat16} <= cpu_autocast_dtypes()
 
 
 # ----------------------------------------------------------------------------- fp16 step vs fp32

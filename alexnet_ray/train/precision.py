@@ -63,7 +63,7 @@ def resolve_precision(choice: str, device_type: str, capability: tuple[int, int]
     elif device_type == "cpu":
         if choice == "auto":
             choice = "fp32"
-        if choice != "fp32" and _DTYPES[choice] not in _cpu_autocast_dtypes():
+        if choice != "fp32" and _DTYPES[choice] not in cpu_autocast_dtypes():
             raise PrecisionError(f"run.precision={choice}: this torch ({torch.__version__}) has no {choice} "
                                  "autocast on CPU; use run.precision=fp32 or auto")
     else:
@@ -71,7 +71,7 @@ def resolve_precision(choice: str, device_type: str, capability: tuple[int, int]
     return Precision(choice, _DTYPES[choice], choice == "fp16")
 
 
-def _cpu_autocast_dtypes() -> set[torch.dtype]:
+def cpu_autocast_dtypes() -> set[torch.dtype]:
     """The dtypes torch's CPU autocast accepts (it warns and disables itself for the others)."""
     supported = set()
     for dtype in (torch.bfloat16, torch.float16):
