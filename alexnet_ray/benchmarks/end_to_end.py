@@ -54,7 +54,7 @@ from ..model import AlexNet, Tower, split_state_dict
 from ..parallel import Topology, TowerParallel, init_parallel_groups
 from ..parallel.mappings import broadcast_from_tower0
 from ..train.config import Config, load_config
-from ..train.device_batch import to_model_input
+from ..preprocess import to_model_input
 from ..train.metrics import EpochMeter
 from ..train.schedule import make_lr_schedule
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from alexnet_ray.parallel.mappings import start_broadcast_from_tower0
-from alexnet_ray.train.device_batch import as_tensor
+from alexnet_ray.preprocess import as_tensor
 
 _END = object()
 

@@ -27,18 +27,18 @@ import ray.data
 import ray.train
 import ray.train.torch
 
+from alexnet_ray.checkpoint import (CheckpointError, NoGoodCheckpointError, checkpoint_dirs, load_checkpoint,
+                                   load_newest_good_checkpoint, save_checkpoint)
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.model import AlexNet, Tower, merge_state_dicts, split_state_dict
 from alexnet_ray.model.compiled import compile_stages
 from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum, broadcast_from_tower0, gather_tower_state_dicts
+from alexnet_ray.preprocess import as_tensor, to_model_input
 from alexnet_ray.train import fault_injection
 from alexnet_ray.train.batch_feed import EarlyStart, training_batches
-from alexnet_ray.train.checkpoint import (CheckpointError, NoGoodCheckpointError, checkpoint_dirs, load_checkpoint,
-                                         load_newest_good_checkpoint, save_checkpoint)
 from alexnet_ray.train.config import Config
-from alexnet_ray.train.device_batch import as_tensor, to_model_input
 from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
 from alexnet_ray.train.precision import LossScaler, device_capability, resolve_precision
 from alexnet_ray.train.schedule import make_lr_schedule
