@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from alexnet_ray import storage
+from alexnet_ray.checkpoint import first_line
 from alexnet_ray.model import AlexNet
-from alexnet_ray.train.checkpoint import first_line
 
 EXPORT_FORMAT = "alexnet-ray-export/1"
 PREPROCESSING_KEYS = ("stored_size", "image_size", "mean", "std")
@@ -64,7 +64,7 @@ class Exported:
 
 
 def exported_from_checkpoint(state: dict[str, Any], source: str = "") -> Exported:
-    """An Exported from a loaded training checkpoint (alexnet_ray.train.checkpoint.load_checkpoint)."""
+    """An Exported from a loaded training checkpoint (alexnet_ray.checkpoint.load_checkpoint)."""
     model_kwargs = dict(state["config"]["model"])
     classes = state.get("classes")
     preprocessing = state.get("preprocessing")
@@ -121,7 +121,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     """Write the export file for a training checkpoint (and OUT with .onnx suffix if `onnx`).
 
     Returns {"out", "classes", "model_kwargs", "onnx", "onnx_max_abs_diff"}."""
-    from alexnet_ray.train.checkpoint import load_checkpoint
+    from alexnet_ray.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     exported = exported_from_checkpoint(state, str(checkpoint))

@@ -274,8 +274,8 @@ def visualize(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, run_
     """Draw conv1_kernels.png and curves.png for a checkpoint (or a run directory: its latest).
 
     Returns {"conv1_kernels", "curves", "tower_chroma", "epochs"}."""
+    from alexnet_ray.checkpoint import load_checkpoint
     from alexnet_ray.eval.scoring import resolve_checkpoint
-    from alexnet_ray.train.checkpoint import load_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)

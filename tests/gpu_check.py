@@ -37,8 +37,8 @@ from alexnet_ray.model.layers import use_torch_lrn  # noqa: E402
 from alexnet_ray.parallel import (  # noqa: E402
     Topology, TowerParallel, all_reduce_sum, gather_tower_state_dicts, init_parallel_groups,
 )
+from alexnet_ray.preprocess import to_model_input  # noqa: E402
 from alexnet_ray.train.batch_feed import training_batches  # noqa: E402
-from alexnet_ray.train.device_batch import to_model_input  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -254,7 +254,7 @@ def lrn_throughput(device: torch.device, dry_run: bool) -> dict:
 def check_trainer(dry_run: bool) -> dict:
     """Trainer.fit() through Ray Train on the GPU: NCCL group, bf16, channels_last, Ray Data feed,
     checkpoints from device tensors; the checkpoint must load into AlexNet on the CPU."""
-    from alexnet_ray.train.checkpoint import load_checkpoint
+    from alexnet_ray.checkpoint import load_checkpoint
     from alexnet_ray.train.config import load_config
     from alexnet_ray.train.trainer import Trainer
 

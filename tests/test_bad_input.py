@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet_ray.checkpoint import WEIGHTS_FILE, save_checkpoint
 from alexnet_ray.data.manifest import Manifest
 from alexnet_ray.model import AlexNet
-from alexnet_ray.train.checkpoint import WEIGHTS_FILE, save_checkpoint
 from alexnet_ray.train.config import load_config
 from conftest import RAY_TEST_CPUS, run_job
 

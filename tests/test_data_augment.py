@@ -11,7 +11,7 @@ from PIL import Image
 from alexnet_ray.data.augment import (
     LIGHTING_STD, augment_eval, augment_train, lighting_offsets, row_uniforms, ten_crop_offsets, train_params,
 )
-from alexnet_ray.train.device_batch import to_model_input
+from alexnet_ray.preprocess import to_model_input
 
 EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],

@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet_ray.checkpoint import load_checkpoint, save_checkpoint
 from alexnet_ray.data.augment import augment_eval
-from alexnet_ray.eval.scoring import average_crops, class_probabilities, resolve_checkpoint
+from alexnet_ray.eval.scoring import class_probabilities, resolve_checkpoint
 from alexnet_ray.export import exported_from_checkpoint
 from alexnet_ray.model import AlexNet
-from alexnet_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from alexnet_ray.preprocess import average_crops
 
 ROOT = Path(__file__).resolve().parents[1]
 

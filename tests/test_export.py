@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from alexnet_ray import load_exported
+from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.export import EXPORT_FORMAT, ExportError, export_checkpoint, read_exported
 from alexnet_ray.model import EXCHANGE_DIM, NUM_STAGES, AlexNet, Tower, split_state_dict
-from alexnet_ray.train.checkpoint import load_checkpoint
 from conftest import run_job
 
 

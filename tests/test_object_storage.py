@@ -34,10 +34,10 @@ def test_storage_operations_on_s3(s3_endpoint, tmp_path):
 
 @pytest.mark.slow
 def test_prepare_train_resume_evaluate_export_from_s3(s3_endpoint, tmp_path, capsys):
+    from alexnet_ray.checkpoint import load_checkpoint
     from alexnet_ray.data.demo import write_demo_dataset
     from alexnet_ray.eval.batch import evaluate
     from alexnet_ray.eval.predict import load_inference_model, predict_files
-    from alexnet_ray.train.checkpoint import load_checkpoint
     from alexnet_ray.train.trainer import Trainer
 
     bucket = make_bucket("flow")

@@ -136,7 +136,7 @@ def test_the_loss_scale_multiplies_every_gradient():
 def test_two_towers_train_in_fp16_on_cpu(prepared_demo, tiny_run, tmp_path):
     """run.precision=fp16 through the whole Trainer: two towers over gloo exchange fp16 activations,
     agree on every overflow skip, and learn like the fp32 run (the shared tiny_run)."""
-    from alexnet_ray.train.checkpoint import load_checkpoint
+    from alexnet_ray.checkpoint import load_checkpoint
     from alexnet_ray.train.trainer import Trainer
     from conftest import _start_ray, tiny_config
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_job
 from PIL import Image
 
-from alexnet_ray.benchmarks.data import _descendants
+from alexnet_ray.benchmarks.data import descendants
 from alexnet_ray.data.prepare import prepare_dataset
 
 pytestmark = pytest.mark.ray
@@ -85,7 +85,7 @@ def test_a_killed_worker_still_gives_the_same_shards(ray_cluster, tmp_path):
         cluster was started here) seen running a shard task; never another process on the machine."""
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            for pid in _descendants(os.getpid()):
+            for pid in descendants(os.getpid()):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as file:
                         if file.read().startswith(b"ray::write_shard"):

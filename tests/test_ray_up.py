@@ -93,7 +93,7 @@ def node():
 def test_ray_up_job_submit_ray_down(node, tmp_path, ray_cluster):
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
-    from alexnet_ray.train.checkpoint import load_checkpoint, verify_checkpoint
+    from alexnet_ray.checkpoint import load_checkpoint, verify_checkpoint
     from ssh_node import ssh, user_processes
 
     suite_node = ray_cluster.get_runtime_context().get_node_id()

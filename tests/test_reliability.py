@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.train import fault_injection
-from alexnet_ray.train.checkpoint import load_checkpoint
 from alexnet_ray.train.trainer import Trainer
 from conftest import _start_ray, tiny_config
 

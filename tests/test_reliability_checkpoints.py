@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_ray.train.checkpoint import (
+from alexnet_ray.checkpoint import (
     CHECKSUM_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -63,7 +63,7 @@ def test_corrupt_latest_is_detected_and_the_previous_good_one_loads(run_dir, dam
     damage(run_dir / "checkpoint_epoch_0003")
     with pytest.raises(CheckpointError, match="corrupt: sha256"):
         load_checkpoint(run_dir / "checkpoint_epoch_0003")
-    with caplog.at_level(logging.WARNING, logger="alexnet_ray.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_ray.checkpoint"):
         state, loaded = load_newest_good_checkpoint(checkpoint_dirs(str(run_dir)))
     assert Path(loaded).name == "checkpoint_epoch_0002" and state["epoch"] == 2
     assert torch.equal(state["model"]["fc8.weight"], torch.full((2, 3), 2.0))

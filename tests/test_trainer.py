@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_ray.train.checkpoint import load_checkpoint
+from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.train.config import ConfigError, load_config
 from alexnet_ray.train.trainer import Trainer
 from conftest import _start_ray, tiny_config

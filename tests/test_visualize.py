@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from alexnet_ray import visualize as viz
-from alexnet_ray.train.checkpoint import load_checkpoint
+from alexnet_ray.checkpoint import load_checkpoint
 from conftest import run_job
 
 

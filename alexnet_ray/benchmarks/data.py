@@ -184,7 +184,8 @@ def decode_pool(processes: int):
     return multiprocessing.get_context("spawn").Pool(processes)  # not fork: torch and Ray threads
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it (read from /proc), for CPU time and memory accounting."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -221,7 +222,7 @@ class CpuTime:
     so rates are also given per CPU-second."""
 
     def __init__(self, pids=None):
-        self._pids = pids or (lambda: _descendants(os.getpid()))
+        self._pids = pids or (lambda: descendants(os.getpid()))
 
     def __enter__(self) -> "CpuTime":
         self._before = _cpu_seconds(self._pids())
@@ -254,7 +255,7 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.1, pids=None):
         self.interval, self.peak = interval, 0.0
-        self._pids = pids or (lambda: _descendants(os.getpid()))
+        self._pids = pids or (lambda: descendants(os.getpid()))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -278,17 +279,19 @@ class PeakMemory:
 
 def _repeat_dataset(prepared: Path, out: Path, times: int) -> Path:
     """A dataset `times` larger: the shards copied `times` over (decoding cost scales the same)."""
-    manifest = json.loads((prepared / "manifest.json").read_text())
+    from alexnet_ray.data.manifest import load_manifest
+
+    manifest = load_manifest(prepared)
     out.mkdir(parents=True, exist_ok=True)
+    train = manifest.splits["train"]
     shards = []
     for copy in range(times):
-        for shard in manifest["splits"]["train"]["shards"]:
+        for shard in train["shards"]:
             name = f"copy{copy}-{shard['file']}"
             shutil.copyfile(prepared / shard["file"], out / name)
             shards.append({**shard, "file": name})
-    manifest["splits"] = {"train": {**manifest["splits"]["train"], "shards": shards,
-                                    "images": manifest["splits"]["train"]["images"] * times}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    manifest.splits = {"train": {**train, "shards": shards, "images": train["images"] * times}}
+    manifest.save(out)
     return out
 
 
@@ -312,10 +315,10 @@ def main(argv: list[str]) -> int:
 def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
     import ray
 
+    from alexnet_ray.data.manifest import load_manifest
     from alexnet_ray.data.pipeline import TrainLoader
     from alexnet_ray.data.prepare import prepare_dataset
     from alexnet_ray.data.shards import ShardIndex
-    from alexnet_ray.data.manifest import load_manifest
 
     started = time.perf_counter()
     paths = write_photos(work / "raw", count)
@@ -327,9 +330,9 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
     # CPU of its own processes only (the baseline's DataLoader workers, or the driver and Ray's).
     me = os.getpid()
     baseline = baseline_loader(paths, cores, batch_size)
-    baseline_processes = list(_descendants(me))  # this process and the DataLoader's workers
+    baseline_processes = list(descendants(me))  # this process and the DataLoader's workers
     pool = decode_pool(cores)
-    not_ray = frozenset(_descendants(me)) - {me}  # the DataLoader's and the decode pool's processes
+    not_ray = frozenset(descendants(me)) - {me}  # the DataLoader's and the decode pool's processes
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     from ray.data import DataContext
 
@@ -350,7 +353,7 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
         # Speed on the 4x set (more batches, less start-up share); memory sampling apart, since
         # reading /proc/*/smaps_rollup costs CPU of its own.
         epochs = iter(range(1, ROUNDS + 1))
-        ray_processes = lambda: [p for p in _descendants(me) if p not in not_ray]  # noqa: E731
+        ray_processes = lambda: [p for p in descendants(me) if p not in not_ray]  # noqa: E731
         best = interleaved_best(ROUNDS, {
             "baseline": lambda: epoch_round(lambda: _timed(baseline)[1], lambda: baseline_processes),
             "ray": lambda: epoch_round(lambda: _timed(big_loader.iter_epoch(next(epochs), 0))[1], ray_processes),

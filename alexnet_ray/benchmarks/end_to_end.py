@@ -45,18 +45,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..data.augment import augment_train
-from ..data.demo import write_demo_dataset
-from ..data.manifest import load_manifest
-from ..data.pipeline import TrainLoader, replica_batch_sizes
-from ..data.prepare import prepare_dataset
-from ..model import AlexNet, Tower, split_state_dict
-from ..parallel import Topology, TowerParallel, init_parallel_groups
-from ..parallel.mappings import broadcast_from_tower0
-from ..train.config import Config, load_config
-from ..train.device_batch import to_model_input
-from ..train.metrics import EpochMeter
-from ..train.schedule import make_lr_schedule
+from alexnet_ray.data.augment import augment_train
+from alexnet_ray.data.demo import write_demo_dataset
+from alexnet_ray.data.manifest import load_manifest
+from alexnet_ray.data.pipeline import TrainLoader, replica_batch_sizes
+from alexnet_ray.data.prepare import prepare_dataset
+from alexnet_ray.model import AlexNet, Tower, split_state_dict
+from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
+from alexnet_ray.parallel.mappings import broadcast_from_tower0
+from alexnet_ray.preprocess import to_model_input
+from alexnet_ray.train.config import Config, load_config
+from alexnet_ray.train.metrics import EpochMeter
+from alexnet_ray.train.schedule import make_lr_schedule
 
 CLASSES = 10
 # Ray starts its worker processes (Train workers, Data tasks) at this niceness (RAY_worker_niceness)
@@ -100,7 +100,7 @@ def _steady(epochs: list[dict]) -> dict:
 def run_ray(config: Config, name: str) -> dict:
     import ray
 
-    from ..train.trainer import Trainer
+    from alexnet_ray.train.trainer import Trainer
 
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
     start = time.perf_counter()
@@ -122,11 +122,11 @@ def profile_data(config: Config, epochs: int) -> dict:
     first batch (execution start-up + the first task) and images/s with no training beside it."""
     import ray
 
-    from ..train.trainer import Trainer
-    from ..train.worker import _quiet_ray_logs
+    from alexnet_ray.train.ray_logs import quiet_ray_logs
+    from alexnet_ray.train.trainer import Trainer
 
-    Trainer(config)._connect()
-    _quiet_ray_logs()
+    Trainer(config).connect()
+    quiet_ray_logs()
     loader = TrainLoader(config.data.path, batch_size=config.data.batch_size, replicas=1,
                          image_size=config.model.image_size, seed=config.run.seed,
                          pca_lighting=config.data.pca_lighting, prefetch_batches=config.data.prefetch_batches)

@@ -31,10 +31,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ..model import AlexNet, Tower
-from ..model.compiled import compile_stages
-from ..model.layers import FUSED_LRN_DEFAULT, use_torch_lrn
-from ..parallel import Topology, TowerParallel, init_parallel_groups
+from alexnet_ray.model import AlexNet, Tower
+from alexnet_ray.model.compiled import compile_stages
+from alexnet_ray.model.layers import FUSED_LRN_DEFAULT, use_torch_lrn
+from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 

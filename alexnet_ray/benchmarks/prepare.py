@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexnet_ray.benchmarks.data import CLASSES, CpuTime, _descendants, interleaved_best, natural_image
+from alexnet_ray.benchmarks.data import CLASSES, CpuTime, descendants, interleaved_best, natural_image
 
 ROUNDS = 3
 CHUNK = 32
@@ -120,7 +120,7 @@ def _run(work: Path, count: int, cores: int) -> int:
 
     me = os.getpid()
     pool = multiprocessing.get_context("spawn").Pool(cores)
-    pool_processes = [p for p in _descendants(me) if p != me]
+    pool_processes = [p for p in descendants(me) if p != me]
     started = time.perf_counter()
     paths = [str(p) for p in write_photos(pool, work / "raw", count)]
     mean_kb = np.mean([os.path.getsize(p) for p in paths]) / 1024
@@ -134,7 +134,7 @@ def _run(work: Path, count: int, cores: int) -> int:
         return count / cpu.wall / cores, count / cpu.seconds, 0.0
 
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray_processes = lambda: [p for p in _descendants(me) if p not in pool_processes]  # noqa: E731
+    ray_processes = lambda: [p for p in descendants(me) if p not in pool_processes]  # noqa: E731
     rounds = iter(range(ROUNDS + 1))
 
     def prepare_round() -> tuple[float, float, float]:

@@ -4,7 +4,7 @@ Training (paper §4.1): random image_size crop, horizontal flip, PCA lighting. E
 comes from a counter-based hash of (seed, epoch, row id), so the same row gets the same
 augmentation in the same epoch whichever worker, task or batch it lands in. Images stay uint8;
 the lighting offset travels as float32 (N, 3) on the [0,1] scale and is added on the device
-(alexnet_ray.train.device_batch.to_model_input) together with mean/std normalisation.
+(alexnet_ray.preprocess.to_model_input) together with mean/std normalisation.
 Evaluation: the centre crop, or the paper's ten crops (4 corners + centre, then their mirrors).
 """
 

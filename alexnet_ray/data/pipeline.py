@@ -13,7 +13,7 @@ Ray Data tasks each take a few whole batches, read the row groups they need, dec
 once and crop/flip/light it (alexnet_ray.data.augment); blocks come back in order
 (preserve_order), so a fixed seed gives bit-identical batches. Only the replica's tower 0 iterates;
 its partner receives the batch over the pair group. Batches are numpy views of Ray's object store
-(read-only, no copy): hand them to alexnet_ray.train.device_batch.to_model_input.
+(read-only, no copy): hand them to alexnet_ray.preprocess.to_model_input.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def split_evenly(total: int, parts: int) -> np.ndarray:
     sizes = np.full(parts, total // parts, dtype=np.int64)
     sizes[: total % parts] += 1
     return sizes
+
+
+def replica_offsets(total: int, replicas: int) -> np.ndarray:
+    """Where each replica's contiguous slice of `total` rows starts, then `total`: replica r owns
+    rows [offsets[r], offsets[r + 1])."""
+    return np.concatenate([[0], np.cumsum(split_evenly(total, replicas))])
 
 
 def replica_batch_sizes(num_rows: int, batch_size: int, replicas: int) -> list[list[int]]:
@@ -216,7 +222,7 @@ class TrainLoader:
         self.seed, self.pca_lighting, self.prefetch_batches = seed, pca_lighting, prefetch_batches
         self.num_images = self.index.num_rows
         self._plan = replica_batch_sizes(self.num_images, batch_size, replicas)
-        self._offsets = np.concatenate([[0], np.cumsum(split_evenly(self.num_images, replicas))])
+        self._offsets = replica_offsets(self.num_images, replicas)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -225,6 +231,15 @@ class TrainLoader:
     def batch_sizes(self, replica: int) -> list[int]:
         """Rows in each of replica `replica`'s batches, the same every epoch."""
         return list(self._plan[replica])
+
+    def step_rows(self, replica: int) -> tuple[list[int], list[int]]:
+        """Per step: the row where replica `replica`'s batch starts in the step's global batch, and
+        the global batch's rows. A global batch is the replicas' batches in replica order (the last
+        ones may differ in size)."""
+        steps = range(self.batches_per_epoch)
+        row_offsets = [sum(sizes[step] for sizes in self._plan[:replica]) for step in steps]
+        global_rows = [sum(sizes[step] for sizes in self._plan) for step in steps]
+        return row_offsets, global_rows
 
     def replica_rows(self, epoch: int, replica: int) -> np.ndarray:
         """Global row ids replica `replica` trains on in `epoch`, in order."""
@@ -260,7 +275,7 @@ class EvalLoader:
         self.batch_size, self.replicas, self.image_size = batch_size, replicas, image_size
         self.split, self.ten_crop, self.prefetch_batches = split, ten_crop, prefetch_batches
         self.num_images = self.index.num_rows
-        self._offsets = np.concatenate([[0], np.cumsum(split_evenly(self.num_images, replicas))])
+        self._offsets = replica_offsets(self.num_images, replicas)
 
     def replica_rows(self, replica: int) -> np.ndarray:
         if not 0 <= replica < self.replicas:

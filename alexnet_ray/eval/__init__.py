@@ -6,11 +6,11 @@
 
 from alexnet_ray.eval.scoring import (
     DatasetMismatchError,
-    average_crops,
     check_classes,
     class_probabilities,
     resolve_checkpoint,
 )
+from alexnet_ray.preprocess import average_crops
 
 __all__ = [
     "evaluate", "predict_files", "load_inference_model", "average_crops", "class_probabilities",

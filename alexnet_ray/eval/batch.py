@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.data.augment import augment_eval
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.shards import ShardIndex
 from alexnet_ray.eval.scoring import DatasetMismatchError, check_classes, class_probabilities, resolve_checkpoint, top_k
 from alexnet_ray.export import Exported, exported_from_checkpoint
-from alexnet_ray.train.checkpoint import load_checkpoint
 
 TASK_BYTES = 48 << 20  # output of one read task, at most one row group
 

@@ -42,7 +42,7 @@ def load_inference_model(path: str | os.PathLike) -> AlexNet:
             if not _is_checkpoint_file(path):
                 raise ExportError(f"{path} is neither an exported model (jobs/export.py) nor an alexnet-ray "
                                   "checkpoint") from None
-    from alexnet_ray.train.checkpoint import load_checkpoint
+    from alexnet_ray.checkpoint import load_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     return exported_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint)).build_model()
@@ -51,7 +51,7 @@ def load_inference_model(path: str | os.PathLike) -> AlexNet:
 def _is_checkpoint_file(path: Path | str) -> bool:
     import io
 
-    from alexnet_ray.train.checkpoint import FORMAT
+    from alexnet_ray.checkpoint import FORMAT
 
     data = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     return isinstance(data, dict) and data.get("format") == FORMAT

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_ray import storage
-from alexnet_ray.train.checkpoint import CHECKPOINT_DIR, WEIGHTS_FILE
-from alexnet_ray.train.device_batch import to_model_input
+from alexnet_ray.checkpoint import CHECKPOINT_DIR, WEIGHTS_FILE
+from alexnet_ray.preprocess import average_crops, to_model_input
 
 
 class DatasetMismatchError(ValueError):
@@ -51,11 +51,6 @@ def check_classes(model_classes: Sequence[str], dataset_classes: Sequence[str], 
         i = next(i for i, (a, b) in enumerate(zip(model_classes, dataset_classes)) if a != b)
         detail = f"class {i} is {model_classes[i]!r} in the model but {dataset_classes[i]!r} in the dataset"
     raise DatasetMismatchError(f"classes of dataset {dataset} do not match the checkpoint's: {detail}")
-
-
-def average_crops(logits: torch.Tensor) -> torch.Tensor:
-    """(N, crops, C) logits -> (N, C): the mean over crops of each crop's softmax."""
-    return F.softmax(logits.float(), dim=-1).mean(dim=1)
 
 
 def class_probabilities(model: torch.nn.Module, images: torch.Tensor, preprocessing: dict, device,

@@ -1,4 +1,5 @@
-"""A replica's training batches on both of its towers, one step ahead, and the next epoch's early.
+"""A replica's training batches on both of its towers, one step ahead, and the next epoch's early;
+its evaluation batches (`eval_batches`) the same way, one at a time.
 
 Tower 0 reads each batch from the loader; its partner receives the identical batch. Both know the
 loader's plan (rows per batch, image size), so only the pixels, labels and lighting travel, and
@@ -12,13 +13,15 @@ epoch overlaps evaluation and the checkpoint rather than the first training step
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Iterator
 
 import torch
 
-from alexnet_ray.parallel.mappings import start_broadcast_from_tower0
-from alexnet_ray.train.device_batch import as_tensor
+from alexnet_ray.parallel.mappings import broadcast_from_tower0, start_broadcast_from_tower0
+from alexnet_ray.preprocess import as_tensor
+from alexnet_ray.train import fault_injection
 
 _END = object()
 
@@ -61,6 +64,25 @@ def training_batches(source: Iterator[dict] | None, sizes: list[int], image_size
         pending = following
     if groups.tower == 0 and next(source, None) is not None:
         raise RuntimeError(f"the training loader has more than the {len(sizes)} planned batches")
+
+
+def eval_batches(source: Iterator[dict] | None, groups, device, timeout: float | None = None,
+                 epoch: int = 0) -> Iterator[list[torch.Tensor]]:
+    """[images, labels] of each evaluation batch on every tower of the replica: tower 0 reads it,
+    its partner receives it over the pair group (shapes travel too: ten-crop batches and the last
+    batch differ), waiting at most `timeout` seconds. An empty broadcast marks the end."""
+    for index in itertools.count():
+        fault_injection.point("eval", epoch, index)
+        tensors = []
+        if groups.tower == 0:
+            batch = next(source, None)
+            if batch is not None:
+                tensors = [as_tensor(batch["images"]).to(device), as_tensor(batch["labels"]).to(device)]
+        received = broadcast_from_tower0(tensors, groups, label=f"epoch {epoch + 1} evaluation batch {index}",
+                                         timeout=timeout)
+        if not received:
+            return
+        yield received
 
 
 class EarlyStart:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ray.train import ControllerError, UserCallback
 
-from alexnet_ray.train.checkpoint import NoGoodCheckpointError
+from alexnet_ray.checkpoint import NoGoodCheckpointError
 
 UNRECOVERABLE = (NoGoodCheckpointError,)  # every checkpoint of the run is unusable: a restart fails the same way
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from alexnet_ray import storage
+from alexnet_ray.checkpoint import CheckpointError, load_checkpoint
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.model import AlexNet
-from alexnet_ray.train.checkpoint import CheckpointError, load_checkpoint
 from alexnet_ray.train.config import Config, ConfigError, validate_config
 
 TRAINING_SPLITS = ("train", "val")

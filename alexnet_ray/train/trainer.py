@@ -95,7 +95,8 @@ class Trainer:
         self.address = address or os.environ.get("RAY_ADDRESS")
         validate_config(config, check_data=False)  # fail before any Ray work
 
-    def _connect(self) -> None:
+    def connect(self) -> None:
+        """Join the configured cluster, or start this run's local one; nothing when Ray is up."""
         if ray.is_initialized():
             return
         if self.address:
@@ -137,7 +138,7 @@ class Trainer:
         """Train; ConfigError (before Ray starts, or once connected for the cluster's resources) for
         bad input, RunCannotRecoverError when a restart could not help, ray.train errors otherwise."""
         check_inputs(self.config)  # the dataset and the checkpoint to start from, before Ray starts
-        self._connect()
+        self.connect()
         config = self._resolve_data()
         validate_config(config, cluster_resources=ray.cluster_resources(), check_data=True)
         p, run = config.parallel, config.run

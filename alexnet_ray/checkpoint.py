@@ -21,7 +21,6 @@ newest checkpoint_epoch_* directory of its run directory that passes (`load_newe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import posixpath
@@ -191,8 +190,3 @@ def load_newest_good_checkpoint(candidates: list[str], filesystem=None) -> tuple
         return state, str(candidate)
     raise NoGoodCheckpointError(f"no good checkpoint to resume from ({len(problems)} tried): " + "; ".join(problems))
 
-
-def describe(state: dict[str, Any]) -> str:
-    """One line for logs: epoch and the metrics it was saved with."""
-    metrics = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    return f"epoch {state['epoch']} " + json.dumps(metrics, sort_keys=True)

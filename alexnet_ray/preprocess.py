@@ -1,8 +1,10 @@
-"""The one step that turns a loader batch into model input, on the device: uint8 NHWC -> float NCHW.
+"""The one step that turns a loader batch into model input, on the device: uint8 NHWC -> float NCHW,
+shared by training, evaluation and prediction.
 
 x = (pixels / 255 + lighting - mean) / std, with mean/std/lighting on the [0,1] RGB scale (the
 manifest's statistics). Doing it here keeps the bytes crossing Ray and the host-device link at
-one per pixel.
+one per pixel. Ten-crop batches come out with the crops of one image adjacent; `average_crops`
+turns their logits back into one prediction per image.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def as_tensor(array) -> torch.Tensor:
@@ -47,3 +50,8 @@ def to_model_input(
     if channels_last:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
+
+
+def average_crops(logits: torch.Tensor) -> torch.Tensor:
+    """(N, crops, C) logits -> (N, C): the mean over crops of each crop's softmax."""
+    return F.softmax(logits.float(), dim=-1).mean(dim=1)
