@@ -3,7 +3,7 @@
 A checkpoint is a directory holding `checkpoint.pt` and `checkpoint.sha256`. The `.pt` file is a
 plain dict of tensors and plain data, readable with `torch.load(..., weights_only=True)` and no Ray:
 
-    model        the merged reference state dict (`AlexNet(**model_kwargs).load_state_dict` works)
+    model        the merged reference state dict (`AlexNet(ModelConfig(**config["model"])).load_state_dict` works)
     optimizer    {"momentum_buffer": merged name-keyed dict, "lr": float}
     epoch        epochs completed; training resumes at this epoch index
     scheduler    the LR schedule's state_dict()

@@ -88,7 +88,7 @@ def kernel_grid_size(per_tower: int, kernel_size: int, towers: int = 2) -> tuple
     return 2 * MARGIN + content_w, MARGIN + HEADER_H + towers * (block_h + MARGIN)
 
 
-def _kernel_pixels(kernel: np.ndarray) -> Image.Image:
+def kernel_pixels(kernel: np.ndarray) -> Image.Image:
     """(3, k, k) weights -> RGB image, 0 at mid-grey, scaled by the kernel's max |w|."""
     scale = max(float(np.abs(kernel).max()), 1e-12)
     pixels = np.clip(np.rint(255 * (0.5 + 0.5 * kernel / scale)), 0, 255).astype(np.uint8)
@@ -123,7 +123,7 @@ def draw_conv1_kernels(weights: torch.Tensor | np.ndarray, out: str | os.PathLik
         draw.rectangle([MARGIN - 2, top - 2, MARGIN + block_w + 1, top + block_h + 1], fill=(128, 128, 128))
         for i in range(per_tower):
             r, c = divmod(i, cols)
-            canvas.paste(_kernel_pixels(w[t * per_tower + i]), (MARGIN + c * (cell + KERNEL_GAP), top + r * (cell + KERNEL_GAP)))
+            canvas.paste(kernel_pixels(w[t * per_tower + i]), (MARGIN + c * (cell + KERNEL_GAP), top + r * (cell + KERNEL_GAP)))
         y = top + block_h + MARGIN
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 RAY_TEST_CPUS = 8
 
 
-def _start_ray():
+def start_ray():
     import ray
 
     if not ray.is_initialized():
@@ -32,7 +32,7 @@ def _start_ray():
 def ray_cluster():
     """The session's local Ray cluster (started on first use; a test that shuts it down, such as
     a multi-node test using ray.cluster_utils.Cluster, leaves the next user to start it again)."""
-    return _start_ray()
+    return start_ray()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -50,7 +50,7 @@ def prepared_demo(tmp_path_factory):
     from alexnet_ray.data.demo import write_demo_dataset
     from alexnet_ray.data.prepare import prepare_dataset
 
-    _start_ray()
+    start_ray()
     root = tmp_path_factory.mktemp("demo")
     raw = write_demo_dataset(root / "raw", seed=0)
     prepare_dataset(raw, root / "prepared", layout="folder", size=73)
@@ -72,7 +72,7 @@ def tiny_run(prepared_demo, tmp_path_factory):
     need a real checkpoint and metrics (evaluation, export, visualisation)."""
     from alexnet_ray.train.trainer import Trainer
 
-    _start_ray()
+    start_ray()
     storage = tmp_path_factory.mktemp("runs")
     return Trainer(tiny_config(prepared_demo, storage, "run.name=shared-tiny")).fit()
 
@@ -94,7 +94,7 @@ def s3_endpoint():
     os.environ.update(env)
     if ray.is_initialized():
         ray.shutdown()
-    _start_ray()
+    start_ray()
     yield env["AWS_ENDPOINT_URL"]
     server.stop()
     for key, value in saved.items():

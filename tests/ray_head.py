@@ -90,7 +90,7 @@ def start_head(num_cpus: int = 4, timeout_s: float = 40.0) -> Head:
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(process, temp_dir, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", env, log)
     _wait_for_dashboard(head, timeout_s)
-    head.pids = _session_pids(head)
+    head.pids = session_pids(head)
     return head
 
 
@@ -190,7 +190,7 @@ def _all_processes() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _session_pids(head: Head) -> dict[int, str]:
+def session_pids(head: Head) -> dict[int, str]:
     """pid -> command line of `ray start` and its descendants (GCS, raylet, dashboard, workers, job
     drivers), plus any process whose command line names this head's private temp dir."""
     table = _all_processes()
@@ -224,7 +224,7 @@ def _signal(pid: int, sig: int) -> None:
 def stop_head(head: Head, timeout_s: float = 15.0) -> dict[int, str]:
     """SIGTERM this head's own processes (`ray start --block` then drains and stops its node),
     SIGKILL what is left after a grace period; return the ones still alive (empty when all gone)."""
-    pids = {**head.pids, **_session_pids(head)}
+    pids = {**head.pids, **session_pids(head)}
     for pid, cmd in sorted(pids.items()):
         if _alive(pid, cmd):
             _signal(pid, signal.SIGTERM)
@@ -237,7 +237,7 @@ def stop_head(head: Head, timeout_s: float = 15.0) -> dict[int, str]:
     if head.process.poll() is None:
         head.process.wait(timeout=5)
     time.sleep(0.2)
-    left = {**pids, **_session_pids(head)}
+    left = {**pids, **session_pids(head)}
     left = {pid: cmd for pid, cmd in left.items() if _alive(pid, cmd)}
     if not left:
         shutil.rmtree(head.temp_dir, ignore_errors=True)

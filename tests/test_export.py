@@ -87,7 +87,7 @@ def test_export_job_writes_a_loadable_file(capsys, tiny_run, tmp_path):
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["out"] == str(tmp_path / "out" / "model.pt") and summary["onnx"] is None
-    assert load_exported(summary["out"]).model_kwargs["width"] == 0.125
+    assert load_exported(summary["out"]).config.width == 0.125
 
 
 def test_bad_files_are_one_clear_error(capsys, tmp_path, exported_file):

@@ -47,4 +47,4 @@ def test_job_submit_with_token_auth_and_stop_by_pid(tmp_path):
     finally:
         left = ray_head.stop_head(head)
     assert left == {}, f"Ray processes of this head still alive: {left}"
-    assert not ray_head._session_pids(head), "processes naming the head's temp dir remain"
+    assert not ray_head.session_pids(head), "processes naming the head's temp dir remain"

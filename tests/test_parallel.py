@@ -131,7 +131,6 @@ def _functions_worker(rank, world, store, signal_dir):
     _init(rank, world, store)
     groups = init_parallel_groups(Topology(towers=2, replicas=1))
     pair = groups.pair_group
-    other = 1 - rank
 
     local = (torch.tensor([[1.0, 2.0], [3.0, 4.0]]) + 10 * rank).requires_grad_(True)
     out = gather_from_tower_pair(local, pair, dim=1)

@@ -126,16 +126,16 @@ def test_eval_ten_crop_batches(prepared):
 
 
 def test_tasks_hold_whole_batches_within_the_limits():
-    from alexnet_ray.data.pipeline import TASK_BYTES, TASK_ROWS, _tasks
+    from alexnet_ray.data.pipeline import TASK_BYTES, TASK_ROWS, batch_tasks
 
     sizes = [128] * 9 + [17]
-    tasks = _tasks(sizes, 224 * 224 * 3)
+    tasks = batch_tasks(sizes, 224 * 224 * 3)
     # one batch first (the epoch's first step waits for few decodes), then doubling up to the limit
     assert tasks[:3] == [(0, 1), (1, 3), (3, 7)] and tasks[-1][1] == len(sizes)
     assert [a for a, _ in tasks[1:]] == [b for _, b in tasks[:-1]]  # contiguous, nothing skipped
     for a, b in tasks:
         assert sum(sizes[a:b]) * 224 * 224 * 3 <= TASK_BYTES or b - a == 1
     small = [8] * 200
-    rows = [sum(small[a:b]) for a, b in _tasks(small, 64 * 64 * 3)]
+    rows = [sum(small[a:b]) for a, b in batch_tasks(small, 64 * 64 * 3)]
     assert rows[:7] == [8, 16, 32, 64, 128, 256, 512] and set(rows[7:-1]) == {TASK_ROWS}
-    assert _tasks([128, 128], 10 * 224 * 224 * 3) == [(0, 1), (1, 2)]  # ten crops: one batch a task
+    assert batch_tasks([128, 128], 10 * 224 * 224 * 3) == [(0, 1), (1, 2)]  # ten crops: one batch a task

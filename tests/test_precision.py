@@ -138,9 +138,9 @@ def test_two_towers_train_in_fp16_on_cpu(prepared_demo, tiny_run, tmp_path):
     agree on every overflow skip, and learn like the fp32 run (the shared tiny_run)."""
     from alexnet_ray.checkpoint import load_checkpoint
     from alexnet_ray.train.trainer import Trainer
-    from conftest import _start_ray, tiny_config
+    from conftest import start_ray, tiny_config
 
-    _start_ray()
+    start_ray()
     result = Trainer(tiny_config(prepared_demo, tmp_path, "run.precision=fp16", "run.epochs=1", "run.name=fp16")).fit()
     fp16 = result.metrics
     fp32 = json.loads((Path(tiny_run.path) / "metrics" / "epoch_0001.json").read_text())  # same schedule, epoch 1

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_job
 from PIL import Image
 
-from alexnet_ray.benchmarks.data import descendants
+from alexnet_ray.benchmarks.measure import descendants
 from alexnet_ray.data.prepare import prepare_dataset
 
 pytestmark = pytest.mark.ray

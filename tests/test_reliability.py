@@ -24,7 +24,7 @@ import pytest
 from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.train import fault_injection
 from alexnet_ray.train.trainer import Trainer
-from conftest import _start_ray, tiny_config
+from conftest import start_ray, tiny_config
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def faulted(prepared_demo, tmp_path_factory, tiny_run):
     """The tiny run of `tiny_run`, with the four faults of PLAN along the way."""
-    _start_ray()
+    start_ray()
     root = tmp_path_factory.mktemp("faulted")
     plan = fault_injection.write_plan(root / "faults" / "plan.json", PLAN)
     config = tiny_config(prepared_demo, root, "run.name=faulted", f"run.max_failures={len(PLAN) + 2}",

@@ -132,9 +132,9 @@ def test_run_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(pre
     """A finished 2-epoch run whose epoch-2 checkpoint is then truncated, started again: it warns,
     re-trains epoch 2 from the epoch-1 checkpoint, and ends with the uninterrupted run's weights."""
     from alexnet_ray.train.trainer import Trainer
-    from conftest import _start_ray, tiny_config
+    from conftest import start_ray, tiny_config
 
-    _start_ray()
+    start_ray()
     run = tmp_path / "runs" / "corrupt-latest"
     shutil.copytree(tiny_run.path, run)  # the finished run, with Ray's checkpoint snapshot
     truncate(run / "checkpoint_epoch_0002")
@@ -151,9 +151,9 @@ def test_run_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(pre
 def test_retrying_forever_ends_when_no_checkpoint_is_usable(prepared_demo, tmp_path, capsys):
     """Issue 14: run.max_failures=-1 (retry forever) and every checkpoint of the run corrupt: the
     first worker group fails to resume and the run ends with that reason instead of restarting."""
-    from conftest import _start_ray, run_job
+    from conftest import start_ray, run_job
 
-    _start_ray()
+    start_ray()
     run = tmp_path / "runs" / "all-corrupt"
     for epoch in (1, 2):
         save_checkpoint(run / f"checkpoint_epoch_{epoch:04d}", small_state(epoch))

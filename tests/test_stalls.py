@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from alexnet_ray.parallel import Topology, init_parallel_groups
 from alexnet_ray.parallel.mappings import (
-    ExchangeTimeoutError,
     all_reduce_sum,
     broadcast_from_tower0,
     gather_tower_state_dicts,

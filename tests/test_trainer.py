@@ -10,7 +10,7 @@ import torch
 from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.train.config import ConfigError, load_config
 from alexnet_ray.train.trainer import Trainer
-from conftest import _start_ray, tiny_config
+from conftest import start_ray, tiny_config
 
 pytestmark = pytest.mark.ray
 CHANCE_TOP1_ERROR, CHANCE_TOP5_ERROR = 0.9, 0.5  # 10 classes
@@ -23,7 +23,7 @@ LAYOUT_RTOL = 1e-5
 
 
 def fit(prepared_demo, storage, *overrides):
-    _start_ray()
+    start_ray()
     return Trainer(tiny_config(prepared_demo, storage, *overrides)).fit()
 
 
@@ -93,7 +93,7 @@ def paper_rehearsal(prepared_demo, storage, *overrides):
     images (not a multiple of the global batch of 32: each replica's epoch ends on 8 rows, fewer
     per micro-batch than 4 x 2). Width 0.125 and 64 px for two cores; kaiming init, as the paper's
     N(0, 0.01) leaves so narrow a network at chance for many epochs."""
-    _start_ray()
+    start_ray()
     config = load_config("paper", overrides=[
         f"data.path={prepared_demo}", f"run.storage={storage}", "model.num_classes=10", "model.width=0.125",
         "model.image_size=64", "model.init=kaiming", "data.batch_size=16", "parallel.towers=2",

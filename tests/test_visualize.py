@@ -54,10 +54,10 @@ def test_pictures_of_the_tiny_run(tiny_run, tmp_path):
     top = viz.MARGIN + viz.HEADER_H + viz.BLOCK_TITLE_H
     cell = 11 * viz.KERNEL_SCALE
     drawn = np.asarray(kernels)[top: top + cell: viz.KERNEL_SCALE, viz.MARGIN: viz.MARGIN + cell: viz.KERNEL_SCALE]
-    np.testing.assert_array_equal(drawn, np.asarray(viz._kernel_pixels(weights[0].numpy()))[::viz.KERNEL_SCALE, ::viz.KERNEL_SCALE])
+    np.testing.assert_array_equal(drawn, np.asarray(viz.kernel_pixels(weights[0].numpy()))[::viz.KERNEL_SCALE, ::viz.KERNEL_SCALE])
     second_top = top + cell + viz.MARGIN + viz.BLOCK_TITLE_H
     drawn = np.asarray(kernels)[second_top: second_top + cell: viz.KERNEL_SCALE, viz.MARGIN: viz.MARGIN + cell: viz.KERNEL_SCALE]
-    np.testing.assert_array_equal(drawn, np.asarray(viz._kernel_pixels(weights[6].numpy()))[::viz.KERNEL_SCALE, ::viz.KERNEL_SCALE])
+    np.testing.assert_array_equal(drawn, np.asarray(viz.kernel_pixels(weights[6].numpy()))[::viz.KERNEL_SCALE, ::viz.KERNEL_SCALE])
 
     curves = Image.open(result["curves"])
     assert curves.size == viz.CURVES_SIZE

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from alexnet_ray.data.augment import augment_train
-from alexnet_ray.data.demo import write_demo_dataset
+from alexnet_ray.data.demo import DEMO_NUM_CLASSES, write_demo_dataset
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.pipeline import TrainLoader, replica_batch_sizes
 from alexnet_ray.data.prepare import prepare_dataset
@@ -58,14 +58,13 @@ from alexnet_ray.train.config import Config, load_config
 from alexnet_ray.train.metrics import EpochMeter
 from alexnet_ray.train.schedule import make_lr_schedule
 
-CLASSES = 10
 # Ray starts its worker processes (Train workers, Data tasks) at this niceness (RAY_worker_niceness)
 RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))
 STORED_SIZE = 73  # round(64 * 256 / 224), what Trainer prepares the demo dataset at for image_size 64
 
 
 def prepare_demo(root: Path, train_images: int) -> Path:
-    raw = write_demo_dataset(root / "raw", num_classes=CLASSES, train_per_class=train_images // CLASSES,
+    raw = write_demo_dataset(root / "raw", num_classes=DEMO_NUM_CLASSES, train_per_class=train_images // DEMO_NUM_CLASSES,
                              val_per_class=5)
     out = root / f"prepared-{STORED_SIZE}px-{train_images}"
     try:
@@ -179,10 +178,9 @@ def _plain_worker(rank: int, config_dict: dict, batches_path: str, store: str, o
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=600))
     groups = init_parallel_groups(Topology(2, 1))
-    model_kwargs = dataclasses.asdict(config.model)
     torch.manual_seed(config.run.seed)
-    full = AlexNet(**model_kwargs).state_dict()
-    tower = Tower(groups.tower, 2, **model_kwargs)
+    full = AlexNet(config.model).state_dict()
+    tower = Tower(groups.tower, 2, config.model)
     tower.load_state_dict(split_state_dict(full, 2)[groups.tower])
     model = TowerParallel(tower, groups, microbatches=config.parallel.microbatches,
                           exchange_timeout=config.parallel.exchange_timeout_s)
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images or (800 if args.quick else 2000)
     epochs = args.epochs or (3 if args.quick else 4)
     rounds = args.rounds or (1 if args.quick else 2)
-    if epochs < 2 or images < CLASSES * 2:
+    if epochs < 2 or images < DEMO_NUM_CLASSES * 2:
         parser.error("--epochs must be at least 2 (the first is excluded) and --images at least 20")
 
     with tempfile.TemporaryDirectory(prefix="alexnet-e2e-") as scratch:

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexnet_ray.benchmarks.data import CLASSES, CpuTime, descendants, interleaved_best, natural_image
+from alexnet_ray.benchmarks.data import CLASSES, natural_image
+from alexnet_ray.benchmarks.measure import CpuTime, descendants, interleaved_best
 
 ROUNDS = 3
 CHUNK = 32

@@ -85,7 +85,7 @@ def epoch_order(index: ShardIndex, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
-def _tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
+def batch_tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
     """Group consecutive batches into tasks of about TASK_BYTES: [(first batch, end batch)].
 
     The first task holds one batch and each next one twice as many rows, up to the limits: the
@@ -104,7 +104,7 @@ def _tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
 def _task_items(row_ids: np.ndarray, sizes: list[int], row_bytes: int) -> list[dict]:
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     items = []
-    for first, end in _tasks(sizes, row_bytes):
+    for first, end in batch_tasks(sizes, row_bytes):
         batch_of_row = np.repeat(np.arange(first, end, dtype=np.int64), sizes[first:end])
         ids = row_ids[bounds[first]: bounds[end]]
         items.append({"ids": ids.astype(np.int64).tobytes(), "batch": batch_of_row.tobytes()})

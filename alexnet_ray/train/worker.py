@@ -49,10 +49,6 @@ class WorkerState:
     start_epoch: int
 
 
-def model_kwargs(config: Config) -> dict:
-    return dataclasses.asdict(config.model)
-
-
 def _set_determinism(config: Config, cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
     if config.run.deterministic:
@@ -63,7 +59,7 @@ def _set_determinism(config: Config, cpus: float) -> None:
 def _initial_weights(config: Config) -> dict:
     """The reference model's initial weights, identical on every rank (same seed)."""
     torch.manual_seed(config.run.seed)
-    return AlexNet(**model_kwargs(config)).state_dict()
+    return AlexNet(config.model).state_dict()
 
 
 def setup_worker(loop_config: dict) -> WorkerState:
@@ -78,7 +74,7 @@ def setup_worker(loop_config: dict) -> WorkerState:
 
     state = load_resume_state(config)
     full = state["model"] if state is not None else _initial_weights(config)
-    tower = Tower(groups.tower, topology.towers, **model_kwargs(config))
+    tower = Tower(groups.tower, topology.towers, config.model)
     tower.load_state_dict(split_state_dict(full, topology.towers)[groups.tower])
     tower.to(device)
     if device.type == "cuda":
