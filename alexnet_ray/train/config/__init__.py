@@ -11,21 +11,9 @@ message naming the field (or file) before any worker starts.
 
 from alexnet_ray.model.config import ModelConfig
 from alexnet_ray.train.config.loading import add_config_arguments, apply_overrides, config_from_args, load_config
-from alexnet_ray.train.config.schema import (
-    CHOICES,
-    PRESETS,
-    SECTIONS,
-    Config,
-    ConfigError,
-    DataConfig,
-    OptimizerConfig,
-    ParallelConfig,
-    RunConfig,
-    ScheduleConfig,
-    copy_config,
-    preset_config,
-    scaled_lr,
-)
+from alexnet_ray.train.config.schema import (CHOICES, PRESETS, SECTIONS, Config, ConfigError, DataConfig,
+                                             OptimizerConfig, ParallelConfig, RunConfig, ScheduleConfig, copy_config,
+                                             preset_config, scaled_lr)
 from alexnet_ray.train.config.validation import validate_config
 
 __all__ = [
