@@ -7,6 +7,7 @@ plain dict of tensors and plain data, readable with `torch.load(..., weights_onl
     optimizer    {"momentum_buffer": merged name-keyed dict, "lr": float}
     epoch        epochs completed; training resumes at this epoch index
     scheduler    the LR schedule's state_dict()
+    loss_scaler  fp16's {"scale", "clean_steps"} (train/precision.py LossScaler; absent in older checkpoints)
     data_state   {"seed": int, "epoch": int}: the data order resumes from it
     config       Config.to_dict() of the run that wrote it
     metrics      the epoch's metrics

@@ -191,6 +191,8 @@ def test_dropout_masks_are_fair_and_untied():
 
 
 def test_model_dropout_follows_the_step_key():
+    from alexnet_ray.model.dropout import step_key
+
     model = AlexNet(**{**SMALL, "dropout": 0.5}).train()
     x = torch.randn(4, 3, 64, 64)
     model.set_dropout_step(1, 2, 3)
@@ -202,6 +204,11 @@ def test_model_dropout_follows_the_step_key():
     model.eval()
     assert torch.equal(model(x), model(x))
     assert model.state_dict().keys() == AlexNet(**SMALL).state_dict().keys()  # no new checkpoint entries
+    model.set_dropout_step(9, 9, 9, row_offset=5, stage=2)  # a pipelined step keys one stage's dropout
+    assert model.dropout6.words.tolist() == [*step_key(9, 9, 9, 6), 5]
+    assert model.dropout7.words.tolist() == [*step_key(1, 2, 4, 7), 0]
+    model.set_dropout_step(9, 9, 9, row_offset=7, stage=0)  # stage 0 runs no dropout
+    assert model.dropout6.words.tolist()[2] == 5 and model.dropout7.words.tolist()[2] == 0
 
 
 def test_built_from_a_model_config_or_its_fields_alike():

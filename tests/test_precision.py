@@ -3,6 +3,7 @@ capability in, and an fp16 step with loss scaling against fp32 on CPU (torch's C
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,19 @@ def test_two_towers_train_in_fp16_on_cpu(prepared_demo, tiny_run, tmp_path):
     fp32 = json.loads((Path(tiny_run.path) / "metrics" / "epoch_0001.json").read_text())  # same schedule, epoch 1
     assert fp16["epoch"] == 1 and load_checkpoint(result.checkpoint.path)["epoch"] == 1
     assert fp16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
+
+    # The loss scale is checkpointed and a resumed run continues from it: resumed at 1024 with 1990
+    # clean steps, the 10th step of epoch 2 doubles it (no overflow at so small a scale).
+    from alexnet_ray.checkpoint import save_checkpoint
+    from alexnet_ray.data.pipeline import TrainLoader
+
+    state = load_checkpoint(result.checkpoint.path)
+    scale, clean = state["loss_scaler"]["scale"], state["loss_scaler"]["clean_steps"]
+    steps = TrainLoader(prepared_demo, batch_size=16, replicas=1, image_size=64).batches_per_epoch
+    assert math.log2(scale) == int(math.log2(scale)) <= 16 and 0 < clean <= steps
+    state["loss_scaler"] = {"scale": 1024.0, "clean_steps": 1990}
+    save_checkpoint(tmp_path / "edited", state)
+    resumed = Trainer(tiny_config(prepared_demo, tmp_path, "run.precision=fp16", "run.epochs=2", "run.name=fp16-resumed",
+                                  f"run.resume_from={tmp_path / 'edited'}")).fit()
+    assert resumed.metrics["epoch"] == 2
+    assert load_checkpoint(resumed.checkpoint.path)["loss_scaler"] == {"scale": 2048.0, "clean_steps": steps - 10}

@@ -67,12 +67,15 @@ class StepDropout(nn.Module):
         super().__init__()
         self.p, self.layer, self.col_offset, self.width = float(p), layer, col_offset, width
         self.keyed = False
+        self._step, self._key = None, (0, 0)  # the (seed, epoch, step) keyed last and its step_key
         self.register_buffer("words", torch.zeros(3, dtype=torch.int64), persistent=False)
 
     def set_key(self, seed: int, epoch: int, step: int, row_offset: int = 0) -> None:
         if not 0 <= row_offset < (1 << 32) // self.width:
             raise ValueError(f"dropout row offset {row_offset} x width {self.width} exceeds 2**32 elements")
-        a, b = step_key(seed, epoch, step, self.layer)
+        if self._step != (seed, epoch, step):  # micro-batches of one step share the key
+            self._step, self._key = (seed, epoch, step), step_key(seed, epoch, step, self.layer)
+        a, b = self._key
         self.words.copy_(torch.tensor([a, b, row_offset], dtype=torch.int64))
         self.keyed = True
 

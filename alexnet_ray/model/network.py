@@ -22,6 +22,8 @@ EXCHANGE_DIM = 1
 NUM_STAGES = len(EXCHANGE_POINTS)
 # Parameters whose gradients are final once each stage's backward has run.
 STAGE_LAYERS = (("conv1", "conv2"), ("conv3", "conv4", "conv5"), ("fc6",), ("fc7",), ("fc8",))
+# The dropout modules and the stage that runs each.
+DROPOUT_STAGES = {"dropout6": 2, "dropout7": 3}
 
 Exchange = Callable[[str, Tensor], Tensor]
 
@@ -75,16 +77,18 @@ class _StagedAlexNet(nn.Module):
             return self.fc8(x)
         raise ValueError(f"stage index {index} out of range 0..{NUM_STAGES - 1}")
 
-    def set_dropout_step(self, seed: int, epoch: int, step: int, row_offset: int = 0) -> None:
+    def set_dropout_step(self, seed: int, epoch: int, step: int, row_offset: int = 0, stage: int | None = None) -> None:
         """Key dropout to a training step: the next forward's rows are the global batch's rows
-        row_offset.. (a replica's or micro-batch's place in it). Every layout then draws the same masks."""
-        for dropout in (self.dropout6, self.dropout7):
-            dropout.set_key(seed, epoch, step, row_offset)
+        row_offset.. (a replica's or micro-batch's place in it). Every layout then draws the same masks.
+        `stage`: key only the dropout that stage runs (a pipelined step keys each micro-batch's stage)."""
+        for name, at in DROPOUT_STAGES.items():
+            if stage is None or stage == at:
+                getattr(self, name).set_key(seed, epoch, step, row_offset)
 
     def clear_dropout_step(self) -> None:
         """Back to ordinary dropout (a fresh mask from torch's generator on every forward)."""
-        for dropout in (self.dropout6, self.dropout7):
-            dropout.clear_key()
+        for name in DROPOUT_STAGES:
+            getattr(self, name).clear_key()
 
     def stage_parameters(self, index: int) -> list[tuple[str, nn.Parameter]]:
         return [(f"{layer}.{p}", getattr(getattr(self, layer), p)) for layer in STAGE_LAYERS[index] for p in ("weight", "bias")]

@@ -141,7 +141,7 @@ class TowerParallel(nn.Module):
         else:
             x = self._waited(mb.inflight).detach().requires_grad_(True)
         if self._dropout_step is not None:
-            self.tower.set_dropout_step(*self._dropout_step, row_offset=mb.row_offset)
+            self.tower.set_dropout_step(*self._dropout_step, row_offset=mb.row_offset, stage=s)
         mb.inputs[s], mb.outputs[s] = x, self.tower.stage(s, x)
         label = f"{EXCHANGE_POINTS[s]} forward mb {mb.index} step {self.step}"
         mb.inflight = mappings.start_gather(mb.outputs[s].detach(), self.groups.pair_group, EXCHANGE_DIM, label)

@@ -93,11 +93,13 @@ class LossScaler:
     gradient and skip that step, double after 2000 clean steps), decided over every rank.
 
     Per step: `forward_backward(..., loss_scale=scaler.scale)`, gradient sync, then
-    `scaler.step(optimizer)` (unscale, agree on overflow over `groups`, step or skip, update)."""
+    `scaler.step(optimizer)` (unscale, agree on overflow over `groups`, waiting at most `timeout`
+    seconds, step or skip, update). `state_dict()` goes into the checkpoint, so a resumed run keeps
+    its scale."""
 
     def __init__(self, enabled: bool, groups=None, init_scale: float = 2.0**16, growth_interval: int = 2000,
-                 growth_factor: float = 2.0, backoff_factor: float = 0.5):
-        self.enabled, self.groups = enabled, groups
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5, timeout: float | None = None):
+        self.enabled, self.groups, self.timeout = enabled, groups, timeout
         self.scale = init_scale if enabled else 1.0
         self.growth_interval, self.growth_factor, self.backoff_factor = growth_interval, growth_factor, backoff_factor
         self.clean_steps = 0
@@ -119,7 +121,8 @@ class LossScaler:
         else:
             bad = torch.zeros(1)
         if self.groups is not None:
-            bad = all_reduce_sum(all_reduce_sum(bad, self.groups.pair_group), self.groups.dp_group)
+            for name, group in (("towers", self.groups.pair_group), ("replicas", self.groups.dp_group)):
+                bad = all_reduce_sum(bad, group, f"fp16 overflow check over {name}", self.timeout)
         if bad.item() > 0:
             self.scale *= self.backoff_factor
             self.clean_steps = 0

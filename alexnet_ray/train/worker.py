@@ -47,6 +47,8 @@ class WorkerState:
     optimizer: torch.optim.SGD
     schedule: Any
     start_epoch: int
+    autocast: Any  # run.precision's autocast context
+    scaler: LossScaler  # fp16's loss scale (a no-op otherwise)
 
 
 def _set_determinism(config: Config, cpus: float) -> None:
@@ -88,6 +90,8 @@ def setup_worker(loop_config: dict) -> WorkerState:
         tower.parameters(), lr=loop_config["base_lr"], momentum=opt.momentum, weight_decay=opt.weight_decay
     )
     schedule = make_lr_schedule(config.schedule, loop_config["base_lr"], config.run.epochs)
+    precision = resolve_precision(config.run.precision, device.type, device_capability(device))
+    scaler = LossScaler(precision.scale_loss, groups, timeout=config.parallel.exchange_timeout_s)
     start_epoch = 0
     if state is not None:
         momentum = state["optimizer"].get("momentum_buffer") or {}
@@ -95,28 +99,29 @@ def setup_worker(loop_config: dict) -> WorkerState:
             load_momentum(tower, optimizer, split_state_dict(momentum, topology.towers)[groups.tower])
         if state.get("scheduler"):
             schedule.load_state_dict(state["scheduler"])
+        if state.get("loss_scaler") and scaler.enabled:
+            scaler.load_state_dict(state["loss_scaler"])
         start_epoch = int(state["epoch"])
-    return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch)
+    return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch,
+                       precision.autocast(device.type), scaler)
 
 
 @dataclasses.dataclass
 class EpochTools:
     """What every training step uses besides the model: the loader and its plan, the manifest's
-    normalisation, precision, progress."""
+    normalisation, progress."""
     loader: TrainLoader
     sizes: list[int]  # this replica's rows per step
     row_offsets: list[int]  # where they start in each step's global batch
     global_rows: list[int]
     mean: list[float]
     std: list[float]
-    autocast: Any
-    scaler: LossScaler
     progress: Progress
     rank: int
 
 
 def epoch_tools(w: WorkerState, manifest) -> EpochTools:
-    config, groups, device = w.config, w.groups, w.device
+    config, groups = w.config, w.groups
     rank = ray.train.get_context().get_world_rank()
     loader = TrainLoader(
         config.data.path, batch_size=config.data.batch_size, replicas=config.parallel.replicas,
@@ -124,11 +129,9 @@ def epoch_tools(w: WorkerState, manifest) -> EpochTools:
         prefetch_batches=config.data.prefetch_batches,
     )
     progress = Progress(config.run.epochs, loader.batches_per_epoch, config.run.progress_interval_s, rank == 0)
-    precision = resolve_precision(config.run.precision, device.type, device_capability(device))
     row_offsets, global_rows = loader.step_rows(groups.replica)
     return EpochTools(loader, loader.batch_sizes(groups.replica), row_offsets, global_rows, manifest.mean,
-                      manifest.std, precision.autocast(device.type), LossScaler(precision.scale_loss, groups),
-                      progress, rank)
+                      manifest.std, progress, rank)
 
 
 def resident_memory_mb() -> float | None:
@@ -214,12 +217,12 @@ def train_step(w: WorkerState, tools: EpochTools, epoch: int, step: int, item: l
     x = to_model_input(images, lighting, tools.mean, tools.std, device, channels_last=device.type == "cuda")
     fault_injection.point("exchange", epoch, step)
     w.model.step = epoch * tools.loader.batches_per_epoch + step  # named in exchange errors
-    with tools.autocast:
+    with w.autocast:
         loss, logits = w.model.forward_backward(
             x, labels, row_offset=tools.row_offsets[step], global_rows=tools.global_rows[step],
-            dropout_step=(config.run.seed, epoch, step), loss_scale=tools.scaler.loss_scale)
+            dropout_step=(config.run.seed, epoch, step), loss_scale=w.scaler.loss_scale)
     w.model.sync_gradients()
-    tools.scaler.step(w.optimizer)  # fp16: unscale, skip the step on any rank's overflow
+    w.scaler.step(w.optimizer)  # fp16: unscale, skip the step on any rank's overflow
     w.optimizer.zero_grad(set_to_none=True)
     meter.compute_s += time.perf_counter() - started
     if config.run.compile and tools.rank == 0 and epoch == w.start_epoch and step == 0:
