@@ -103,8 +103,8 @@ def train(*args):
 CASES = {
     "train unknown key": (train("--data", "{data}", "--set", "model.widht=1"), 2,
                           "unknown key model.widht (did you mean model.width?)"),
-    "train wrong type": (train("--data", "{data}", "--set", "data.batch_size=big"), 2,
-                         "data.batch_size must be an integer"),
+    "train wrong type": (train("--data", "{data}", "--set", "data.global_batch_size=big"), 2,
+                         "data.global_batch_size must be an integer"),
     "train missing config file": (train("--config", "{out}"), 2, "config file {out} does not exist"),
     "train config not a mapping": (train("--config", "{list_yaml}"), 2, "{list_yaml}: expected a mapping of sections"),
     "train config wrong type": (("train", ["--config", "{typed_yaml}", "--data", "{data}"]), 2,
