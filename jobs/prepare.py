@@ -42,10 +42,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip")
     parser.add_argument("--shard-mb", type=float, default=64, help="approximate shard size in MB (default 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared OUT")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local cluster of its own)")
     args = parser.parse_args(argv)
     try:
         prepare_dataset(args.src, args.out, layout=args.layout, val_labels=args.val_labels, size=args.size,
-                        on_bad_image=args.on_bad_image, shard_mb=args.shard_mb, overwrite=args.overwrite)
+                        on_bad_image=args.on_bad_image, shard_mb=args.shard_mb, overwrite=args.overwrite,
+                        address=args.address)
     except ValueError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2

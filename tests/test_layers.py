@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alexnet_ray"
-SHARED = {"storage", "checkpoint", "preprocess"}
+SHARED = {"storage", "checkpoint", "preprocess", "ray_cluster"}
 INFERENCE = {"eval", "export", "visualize"}
 # layer -> the layers its modules may import (its own included)
 ALLOWED = {

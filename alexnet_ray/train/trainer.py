@@ -19,7 +19,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from alexnet_ray import storage
+from alexnet_ray import ray_cluster, storage
 from alexnet_ray.train import failures, fault_injection, tensorboard
 from alexnet_ray.train.config import Config, copy_config, validate_config
 from alexnet_ray.train.metrics import write_metrics_file
@@ -97,15 +97,10 @@ class Trainer:
 
     def connect(self) -> None:
         """Join the configured cluster, or start this run's local one; nothing when Ray is up."""
-        if ray.is_initialized():
-            return
-        if self.address:
-            ray.init(address=self.address)
-            return
-        # Local cluster: logical CPUs beyond the cores, so Ray Data tasks run beside the workers.
-        # address="local": always a cluster of our own (never one found in /tmp/ray), whose
-        # processes die with this driver (Ray's fate-sharing), so a restarted driver starts clean.
-        ray.init(address="local", num_cpus=local_cluster_cpus(self.config), include_dashboard=False)
+        # A local cluster gets logical CPUs beyond the cores, so Ray Data tasks run beside the
+        # workers; its processes die with this driver (Ray's fate-sharing), so a restarted driver
+        # starts clean.
+        ray_cluster.connect(self.address, num_cpus=local_cluster_cpus(self.config))
 
     @property
     def cpus_per_worker(self) -> float:
