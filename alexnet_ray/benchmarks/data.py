@@ -229,7 +229,7 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
     pool = decode_pool(cores)
     not_ray = frozenset(descendants(me)) - {me}  # the DataLoader's and the decode pool's processes
     # its own local cluster, sized to the cores measured: never a cluster recorded on the machine
-    ray_cluster.connect(None, num_cpus=cores, say=lambda line: None, include_dashboard=False,
+    ray_cluster.connect(None, num_cpus=cores, include_dashboard=False,
                         configure_logging=False, log_to_driver=False)
     from ray.data import DataContext
 

@@ -136,7 +136,7 @@ def _run(work: Path, count: int, cores: int) -> int:
         return count / cpu.wall / cores, count / cpu.seconds, 0.0
 
     # its own local cluster, sized to the cores measured: never a cluster recorded on the machine
-    ray_cluster.connect(None, num_cpus=cores, say=lambda line: None, include_dashboard=False,
+    ray_cluster.connect(None, num_cpus=cores, include_dashboard=False,
                         configure_logging=False, log_to_driver=False)
     ray_processes = lambda: [p for p in descendants(me) if p not in pool_processes]  # noqa: E731
     rounds = iter(range(ROUNDS + 1))
