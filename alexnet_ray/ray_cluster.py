@@ -30,10 +30,11 @@ def say_on_stderr(line: str) -> None:
 
 
 def recorded_cluster() -> str | None:
-    """The cluster a plain `ray.init()` on this machine would join: the last `ray start`'s."""
-    temp = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    """The cluster a plain `ray.init()` here would join: the last `ray start`'s, recorded in Ray's
+    default temp dir ($RAY_TMPDIR, else $TMPDIR, else /tmp, then ray/ray_current_cluster)."""
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
     try:
-        return temp.read_text().strip() or None
+        return (Path(temp) / "ray" / "ray_current_cluster").read_text().strip() or None
     except OSError:
         return None
 

@@ -284,7 +284,7 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
         if SHARD_NAME.fullmatch(info.base_name) and info.base_name not in planned:
             storage.delete_file(storage.join(out, info.base_name))
     if use_ray:
-        ray_cluster.connect(address, say=ray_cluster.say_on_stderr if progress else (lambda line: None))
+        ray_cluster.connect(address, say=ray_cluster.say_on_stderr)
 
     run_stats = stats if stats is not None else {}
     run_stats.update(driver_bytes_received=0, reused_shards=0, shards=len(plans))

@@ -126,7 +126,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, *, spli
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     exported, manifest, index = load_for_evaluation(checkpoint, data_dir, split)
-    ray_cluster.connect(address, say=ray_cluster.say_on_stderr if progress else (lambda line: None))
+    ray_cluster.connect(address, say=ray_cluster.say_on_stderr)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     gpu = use_gpu == "true" or (use_gpu == "auto" and gpus > 0)
     if gpu and gpus == 0:
