@@ -23,9 +23,9 @@ def test_a_healthy_run_prints_only_the_projects_lines(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--epochs", "2", "--storage",
                            str(tmp_path / "runs"), "--name", "console", "--set", "run.progress_interval_s=1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [ANSI.sub("", line) for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    lines = [ANSI.sub("", line) for line in done.stdout.splitlines() if line.strip()]  # as a terminal shows them
     started = [i for i, line in enumerate(lines) if "Started a local Ray instance" in line]
     assert started, lines
     after = lines[started[0] + 1:]
