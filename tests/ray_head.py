@@ -102,6 +102,18 @@ def start_head(num_cpus: int = 4, timeout_s: float = 40.0, token_path: Path | No
     return head
 
 
+def wait_recorded(head: Head, timeout_s: float = 60.0) -> str:
+    """The address `ray start` records in its temp dir (ray_current_cluster), once it has: it
+    writes it after the dashboard is up."""
+    record = head.temp_dir / "ray_current_cluster"
+    deadline = time.monotonic() + timeout_s
+    while not record.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{record} not written after {timeout_s}s")
+        time.sleep(0.2)
+    return record.read_text().strip()
+
+
 def _wait_for_dashboard(head: Head, timeout_s: float) -> None:
     import urllib.error
     import urllib.request

@@ -44,6 +44,7 @@ def test_job_submit_with_token_auth_and_stop_by_pid(tmp_path):
         assert status == 401
 
         machine = {"RAY_TMPDIR": str(head.temp_dir.parent)}  # where this head is recorded, as /tmp/ray is
+        ray_head.wait_recorded(head)
         probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); print(ray.get_runtime_context().gcs_address)"],
                                env={**head.env, **machine}, capture_output=True, text=True, timeout=120)
         port = head.gcs_address.rsplit(":", 1)[1]  # Ray records the node's address, not 127.0.0.1

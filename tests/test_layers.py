@@ -80,7 +80,7 @@ def test_the_check_sees_violations(tmp_path):
     ]
     assert _violations(bad, "eval") == [
         "bad.py:6 imports alexnet_ray.train: layer 'inference' may import "
-        "['checkpoint', 'data', 'eval', 'export', 'model', 'preprocess', 'storage', 'visualize']",
+        "['checkpoint', 'data', 'eval', 'export', 'model', 'preprocess', 'ray_cluster', 'storage', 'visualize']",
         "bad.py:6 imports private ['_quiet'] from alexnet_ray.train.worker",
     ]
     bad.write_text("from .network import AlexNet\n")

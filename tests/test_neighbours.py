@@ -78,6 +78,7 @@ def test_neighbour_jobs_leave_a_running_training_alone(prepared_demo, tiny_run, 
         # session's cluster wrote it), as on a workstation: Ray Train's cleaner used to ask it about
         # the victim's controller, hear "no such actor", and remove the victim's placement group.
         head = ray_head.start_head(num_cpus=1, token_path=Path.home() / ".ray" / "auth_token", root=root)
+        ray_head.wait_recorded(head)
         raw = write_demo_dataset(tmp_path / "raw", seed=1, train_per_class=6, val_per_class=2)
         jobs["second"] = start_job("train", [*train_args, "--name", "second"], job_env(**machine), logs["second"])
         jobs["prepare"] = start_job("prepare", [str(raw), str(tmp_path / "prepared"), "--size", "40"],
