@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpu", choices=["auto", "true", "false"], default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local cluster of its own)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from alexnet_ray.eval.batch import evaluate, format_summary
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, split=args.split, ten_crop=args.ten_crop,
                           batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                          use_gpu=args.gpu, progress=not args.no_progress)
+                          use_gpu=args.gpu, progress=not args.no_progress,
+                          address=args.address)
     except ValueError as e:  # CheckpointError, DatasetMismatchError, bad manifest, bad arguments
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from alexnet_ray.train.config import ConfigError, add_config_arguments, config_f
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
-    p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local cluster of its own)")
     return p.parse_args(argv)
 
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from alexnet_ray.train.metrics import clock
     from alexnet_ray.train.trainer import Trainer
 
     try:
@@ -51,10 +52,11 @@ def main(argv=None) -> int:
         "val_top5_error": metrics.get("val_top5_error"),
         "train_loss": metrics.get("train_loss"),
         "epochs": metrics.get("epoch"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": result.checkpoint_uri,
     }
-    print(f"done: {summary['epochs']} epochs, val top-1 error {summary['val_top1_error']:.3f}, "
-          f"top-5 {summary['val_top5_error']:.3f}, run dir {result.path}")
+    rate = f", {result.images_per_s:,.0f} img/s on average" if result.images_per_s else ""
+    print(f"done: {summary['epochs']} epochs in {clock(result.wall_s)}{rate}, val top-1 error "
+          f"{summary['val_top1_error']:.3f}, top-5 {summary['val_top5_error']:.3f}, run dir {result.run_uri}")
     print(json.dumps(summary))
     return 0
 

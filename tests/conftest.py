@@ -13,15 +13,19 @@ RAY_TEST_CPUS = 8
 def start_ray():
     import ray
 
+    from alexnet_ray import ray_cluster
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # always our own: never a cluster a `ray start` elsewhere left in /tmp/ray
-            num_cpus=RAY_TEST_CPUS,
-            object_store_memory=1 << 30,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=os.environ.get("ALEXNET_RAY_TEST_LOGS") == "1",
-        )
+        # never a cluster a `ray start` elsewhere left in /tmp/ray (RAY_ADDRESS is ignored here), and
+        # with a State API of its own, which Ray Train's placement-group cleaner polls
+        saved = os.environ.pop("RAY_ADDRESS", None)
+        try:
+            ray_cluster.connect(None, num_cpus=RAY_TEST_CPUS, say=lambda line: None, object_store_memory=1 << 30,
+                                configure_logging=False,
+                                log_to_driver=os.environ.get("ALEXNET_RAY_TEST_LOGS") == "1")
+        finally:
+            if saved is not None:
+                os.environ["RAY_ADDRESS"] = saved
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,15 +57,22 @@ def client_env(token_path: Path) -> dict[str, str]:
     return env
 
 
-def start_head(num_cpus: int = 4, timeout_s: float = 40.0) -> Head:
-    """`ray start --head --block` on 127.0.0.1 with free ports and token auth, in its own temp dir."""
+def start_head(num_cpus: int = 4, timeout_s: float = 40.0, token_path: Path | None = None,
+               root: Path | None = None) -> Head:
+    """`ray start --head --block` on 127.0.0.1 with free ports and token auth, in its own temp dir;
+    with a fresh token unless `token_path` names one (e.g. ~/.ray/auth_token, which every cluster a
+    user starts on the machine shares)."""
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
-    # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
-    temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))
-    token_path = temp_dir / "auth_token"
-    token_path.write_text(generate_new_authentication_token())
-    token_path.chmod(0o600)
+    # Short path: Ray's unix sockets live under the temp dir (108-byte limit). <root>/ray, as in
+    # Ray's default /tmp/ray: a client with RAY_TMPDIR=<root> finds this head recorded there, as a
+    # plain `ray.init()` finds the last `ray start` on a machine.
+    temp_dir = (root or Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))) / "ray"
+    temp_dir.mkdir(exist_ok=True)
+    if token_path is None:
+        token_path = temp_dir / "auth_token"
+        token_path.write_text(generate_new_authentication_token())
+        token_path.chmod(0o600)
     env = client_env(token_path)
     port, dashboard_port = free_port(), free_port()
     ports = {
@@ -92,6 +100,18 @@ def start_head(num_cpus: int = 4, timeout_s: float = 40.0) -> Head:
     _wait_for_dashboard(head, timeout_s)
     head.pids = session_pids(head)
     return head
+
+
+def wait_recorded(head: Head, timeout_s: float = 60.0) -> str:
+    """The address `ray start` records in its temp dir (ray_current_cluster), once it has: it
+    writes it after the dashboard is up."""
+    record = head.temp_dir / "ray_current_cluster"
+    deadline = time.monotonic() + timeout_s
+    while not record.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{record} not written after {timeout_s}s")
+        time.sleep(0.2)
+    return record.read_text().strip()
 
 
 def _wait_for_dashboard(head: Head, timeout_s: float) -> None:
@@ -146,7 +166,7 @@ def submit_and_wait(head: Head, entrypoint: list[str] | None = None, timeout_s: 
     """`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python ...` (the CLI
     waits for the job to end), then the job's status and logs from the jobs REST API.
     Returns {"id", "returncode", "status", "logs", "submit_output"}."""
-    job_id = f"test-{os.getpid()}-{int(time.time())}"
+    job_id = f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # two jobs submitted at once get their own
     submit = ray_cli(
         head, "job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
         "--working-dir", ".", "--runtime-env", str(RUNTIME_ENV),
@@ -240,5 +260,5 @@ def stop_head(head: Head, timeout_s: float = 15.0) -> dict[int, str]:
     left = {**pids, **session_pids(head)}
     left = {pid: cmd for pid, cmd in left.items() if _alive(pid, cmd)}
     if not left:
-        shutil.rmtree(head.temp_dir, ignore_errors=True)
+        shutil.rmtree(head.temp_dir.parent, ignore_errors=True)
     return left

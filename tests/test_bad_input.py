@@ -206,7 +206,7 @@ def test_bad_input_is_refused_in_one_line(case, inputs, tmp_path, capsys):
 def test_more_workers_than_the_cluster_holds_is_refused_once_connected(inputs, tmp_path, ray_cluster, capsys):
     storage = tmp_path / "runs"
     code, out, err = run(capsys, "train", ["--preset", "tiny", "--data", str(inputs["data"]), "--storage", str(storage),
-                                           "--set", "parallel.replicas=20"])
+                                           "--set", "parallel.replicas=20", "--set", "data.global_batch_size=40"])
     check_refused(code, out, err, 2, f"= 40 workers x parallel.cpus_per_worker=0.5 need 20 CPUs; the Ray cluster "
                                      f"has {RAY_TEST_CPUS}")
     assert not storage.exists()

@@ -60,16 +60,26 @@ def test_prepare_train_resume_evaluate_export_from_s3(s3_endpoint, tmp_path, cap
     rows = pq.read_table(storage.open_input(manifest.shard_paths("train")[0])).to_pylist()
     assert rows[0]["path"].startswith(f"{bucket}/src/train/")
 
-    # Train with the data and the run in the bucket, then resume a new run from its checkpoint.
-    first = Trainer(tiny_config(f"{bucket}/data", f"{bucket}/runs", "run.name=first", "run.epochs=1")).fit()
-    assert first.error is None
+    # Train with the data and the run in the bucket, then resume a new run from its checkpoint. Every
+    # location printed or returned keeps its scheme, so it pastes into the next command.
+    code, out, err = run_job(capsys, "train", "--preset", "tiny", "--data", f"{bucket}/data", "--storage",
+                             f"{bucket}/runs", "--name", "first", "--epochs", "1")
+    assert code == 0, err
     checkpoint = f"{bucket}/runs/first/checkpoint_epoch_0001"
+    assert json.loads(out.strip().splitlines()[-1])["checkpoint"] == checkpoint
+    assert out.strip().splitlines()[-2].endswith(f"run dir {bucket}/runs/first")
+    code, out, err = run_job(capsys, "evaluate", checkpoint, "--data", f"{bucket}/data", "--actors", "1", "--no-progress")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["checkpoint"] == checkpoint
     assert storage.is_file(storage.join(checkpoint, "checkpoint.pt"))
     assert storage.is_file(f"{bucket}/runs/first/metrics/epoch_0001.json")
     assert load_checkpoint(checkpoint)["epoch"] == 1
     resumed = Trainer(tiny_config(f"{bucket}/data", f"{bucket}/runs", "run.name=resumed", "run.epochs=2",
                                   f"run.resume_from={checkpoint}")).fit()
     assert resumed.error is None and resumed.metrics["epoch"] == 2
+    assert resumed.run_uri == f"{bucket}/runs/resumed"
+    assert resumed.checkpoint_uri == f"{bucket}/runs/resumed/checkpoint_epoch_0002"
+    assert load_checkpoint(resumed.checkpoint_uri)["epoch"] == 2
     epochs = [json.loads(storage.read_text(f"{bucket}/runs/resumed/metrics/{i.base_name}"))["epoch"]
               for i in storage.list_dir(f"{bucket}/runs/resumed/metrics")]
     assert epochs == [2]  # it went on from the first run's epoch 1; it did not start over

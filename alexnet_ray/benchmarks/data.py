@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from alexnet_ray import ray_cluster
 from alexnet_ray.benchmarks.measure import CpuTime, PeakMemory, descendants, interleaved_best
 
 CLASSES = 10
@@ -251,7 +252,9 @@ def _run(work: Path, count: int, cores: int, batch_size: int, replica_counts: li
     baseline_processes = list(descendants(me))  # this process and the DataLoader's workers
     pool = decode_pool(cores)
     not_ray = frozenset(descendants(me)) - {me}  # the DataLoader's and the decode pool's processes
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # its own local cluster, sized to the cores measured: never a cluster recorded on the machine
+    ray_cluster.connect(None, num_cpus=cores, include_dashboard=False,
+                        configure_logging=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_ray.benchmarks.data import CLASSES, natural_image
+from alexnet_ray import ray_cluster
 from alexnet_ray.benchmarks.measure import CpuTime, descendants, interleaved_best
 
 ROUNDS = 3
@@ -134,7 +135,9 @@ def _run(work: Path, count: int, cores: int) -> int:
             pool.map(_pool_convert, chunks, chunksize=1)
         return count / cpu.wall / cores, count / cpu.seconds, 0.0
 
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # its own local cluster, sized to the cores measured: never a cluster recorded on the machine
+    ray_cluster.connect(None, num_cpus=cores, include_dashboard=False,
+                        configure_logging=False, log_to_driver=False)
     ray_processes = lambda: [p for p in descendants(me) if p not in pool_processes]  # noqa: E731
     rounds = iter(range(ROUNDS + 1))
 

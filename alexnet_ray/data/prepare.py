@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops
 
-from alexnet_ray import storage
+from alexnet_ray import ray_cluster, storage
 from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, encode_jpeg
 from alexnet_ray.data.layouts import find_images
 from alexnet_ray.data.manifest import MANIFEST_NAME, Manifest
@@ -267,9 +267,11 @@ def prepare_dataset(
     use_ray: bool = True,
     progress: bool = True,
     stats: dict | None = None,
+    address: str | None = None,
 ) -> Manifest:
     """Convert `src` (ImageNet or folder-per-class layout; a local path or a URI) into shards and a
-    manifest in `out` (a local path or a URI). `use_ray=False` converts in this process. `stats`,
+    manifest in `out` (a local path or a URI). `use_ray=False` converts in this process; otherwise on
+the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its own. `stats`,
     when given, receives {"seconds", "images", "shards", "reused_shards", "driver_bytes_received"}."""
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image={on_bad_image!r}: choose 'skip' or 'fail'")
@@ -301,10 +303,7 @@ def prepare_dataset(
         if SHARD_NAME.fullmatch(info.base_name) and info.base_name not in planned:
             storage.delete_file(storage.join(out, info.base_name))
     if use_ray:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
+        ray_cluster.connect(address, say=ray_cluster.say_on_stderr)
 
     run_stats = stats if stats is not None else {}
     run_stats.update(driver_bytes_received=0, reused_shards=0, shards=len(plans))

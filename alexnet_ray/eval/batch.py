@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alexnet_ray import ray_cluster
 from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.data.augment import augment_eval
 from alexnet_ray.data.manifest import load_manifest
@@ -112,7 +113,7 @@ def load_for_evaluation(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
 def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, *, split: str = "val",
              ten_crop: bool = False, batch_size: int = 128, actors: int | None = None,
              cpus_per_actor: float = 1.0, use_gpu: str = "auto", progress: bool = True,
-             keep_predictions: bool = False) -> dict[str, Any]:
+             keep_predictions: bool = False, address: str | None = None) -> dict[str, Any]:
     """Top-1/top-5 error of a checkpoint on a prepared dataset's split.
 
     Returns {"top1_error", "top5_error", "loss", "images", "ten_crop", "split", "checkpoint",
@@ -125,8 +126,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, *, spli
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     exported, manifest, index = load_for_evaluation(checkpoint, data_dir, split)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    ray_cluster.connect(address, say=ray_cluster.say_on_stderr)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     gpu = use_gpu == "true" or (use_gpu == "auto" and gpus > 0)
     if gpu and gpus == 0:

@@ -10,7 +10,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +21,7 @@ from alexnet_ray.model import merge_state_dicts
 from alexnet_ray.parallel.mappings import gather_tower_state_dicts
 from alexnet_ray.train import fault_injection
 from alexnet_ray.train.config import Config
-
-if TYPE_CHECKING:
-    from alexnet_ray.train.worker import WorkerState
+from alexnet_ray.train.worker_state import WorkerState
 
 CHECKPOINT_TMP_PREFIX = "alexnet-ckpt-"  # + writer's pid: a checkpoint being written before its upload
 

@@ -16,7 +16,8 @@ restarted worker group replays past it:
   "checkpoint": rank 0 has written the checkpoint files and not yet reported them.
   epoch and step are 0-based indices; "gather" and "checkpoint" ignore step.
 - action "hold": write held-<i>.json (pid, rank, time) next to the plan and sleep until killed:
-  the test sends SIGKILL to that pid. "stall": sleep `seconds`, then carry on.
+  the test sends SIGKILL to that pid. "stall": sleep `seconds`, then carry on. "pause": wait until
+  the test calls `resume(plan, i)` (at most `seconds`, else HOLD_LIMIT_S), then carry on.
 
 Every worker appends JSON lines to events.jsonl next to the plan: "start" (pid, rank, time),
 "fired" (a fault began), "first_step" (the first finished step since this process started), and
@@ -35,7 +36,7 @@ from typing import Any, Callable
 PLAN_ENV_VAR = "ALEXNET_RAY_FAULT_PLAN"
 LOOP_CONFIG_KEY = "fault_plan"
 POINTS = ("step", "exchange", "metrics", "eval", "gather", "checkpoint")
-ACTIONS = ("hold", "stall")
+ACTIONS = ("hold", "stall", "pause")
 HOLD_LIMIT_S = 300.0  # a hold that nobody kills ends the worker instead of hanging the test
 
 
@@ -62,6 +63,11 @@ def write_plan(path: str | os.PathLike, faults: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(faults, indent=1))
     return path
+
+
+def resume(plan_path: str | os.PathLike, index: int) -> None:
+    """Let the worker that a "pause" fault parks carry on."""
+    Path(plan_path).with_name(f"resume-{index}").touch()
 
 
 def read_events(plan_path: str | os.PathLike) -> list[dict]:
@@ -106,6 +112,11 @@ class _Injector:
             self.event("fired", index=index, point=name, action=fault.action, epoch=epoch, step=step)
             if fault.action == "stall":
                 time.sleep(fault.seconds)
+                continue
+            if fault.action == "pause":
+                resumed, deadline = self.plan_path.with_name(f"resume-{index}"), time.monotonic() + (fault.seconds or HOLD_LIMIT_S)
+                while not resumed.exists() and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 continue
             held = self.plan_path.with_name(f"held-{index}.json")
             held.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), "rank": self.rank, "time": time.time()}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,11 +74,23 @@ def time_shares(meter: EpochMeter) -> dict[str, float]:
 
 
 class Progress:
-    """A progress line every `interval_s` seconds: epoch, step/steps, loss, images/s, ETA."""
+    """A progress line every `interval_s` seconds: epoch, step/steps, loss, images/s, the epoch's
+    ETA, and the run's elapsed time and ETA (this worker's start counts as the run's: a resumed
+    run estimates from the epochs since it resumed)."""
 
     def __init__(self, epochs: int, steps: int, interval_s: float, enabled: bool):
         self.epochs, self.steps, self.interval_s, self.enabled = epochs, steps, interval_s, enabled
-        self.last = time.perf_counter()
+        self.last = self.started = time.perf_counter()
+        self.first_epoch: int | None = None
+
+    def run_clock(self, epoch: int, done: float) -> str:
+        """'run 1:05, ETA 3:10': `done` of epoch `epoch` (0-based) is finished."""
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+        elapsed = time.perf_counter() - self.started
+        finished = epoch - self.first_epoch + done
+        eta = elapsed * (self.epochs - epoch - done) / finished if finished > 0 else float("nan")
+        return f"run {clock(elapsed)}, ETA {clock(eta)}"
 
     def update(self, epoch: int, step: int, loss: float, images: int, elapsed: float, force=False) -> None:
         now = time.perf_counter()
@@ -90,7 +103,7 @@ class Progress:
         # sys.stdout, not print: Ray Train patches print to log *and* echo, doubling every line.
         sys.stdout.write(
             f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps}  loss {loss:.4f}  "
-            f"{rate:,.0f} img/s  epoch ETA {eta:.0f}s\n"
+            f"{rate:,.0f} img/s  epoch ETA {clock(eta)}  {self.run_clock(epoch, done)}\n"
         )
         sys.stdout.flush()
 
@@ -106,3 +119,32 @@ def write_metrics_file(run_dir: str, epoch: int, metrics: dict) -> str:
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(metrics, indent=1, sort_keys=True).encode())
     return path
+
+
+def read_metrics_files(run_dir: str) -> list[dict]:
+    """Every metrics/epoch_NNNN.json of a run, in epoch order ([] when there are none)."""
+    from alexnet_ray import storage
+
+    folder = storage.join(run_dir, "metrics")
+    if not storage.is_dir(folder):
+        return []
+    names = sorted(i.base_name for i in storage.list_dir(folder) if re.fullmatch(r"epoch_\d{4}\.json", i.base_name))
+    return [json.loads(storage.read_text(storage.join(folder, name))) for name in names]
+
+
+def mean_images_per_s(records: list[dict]) -> float | None:
+    """Training images over training seconds across the epochs (each epoch's rate times its time)."""
+    seconds = sum(r.get("epoch_s", 0.0) for r in records)
+    if seconds <= 0:
+        return None
+    return sum(r["images_per_s"] * r["epoch_s"] for r in records if "images_per_s" in r) / seconds
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    if seconds != seconds:  # nan: nothing to estimate from yet
+        return "?"
+    whole = int(round(seconds))
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

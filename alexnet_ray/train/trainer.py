@@ -4,11 +4,12 @@
     from alexnet_ray.train.config import load_config
 
     result = Trainer(load_config("demo")).fit()
-    print(result.metrics["val_top1_error"], result.checkpoint.path)
+    print(result.metrics["val_top1_error"], result.checkpoint_uri)  # a path or s3://..., as given
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,10 +20,10 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from alexnet_ray import storage
+from alexnet_ray import ray_cluster, storage
 from alexnet_ray.train import failures, fault_injection, tensorboard
 from alexnet_ray.train.config import Config, copy_config, validate_config
-from alexnet_ray.train.metrics import write_metrics_file
+from alexnet_ray.train.metrics import mean_images_per_s, read_metrics_files, write_metrics_file
 from alexnet_ray.train.preflight import check_inputs
 from alexnet_ray.train.worker import train_worker
 
@@ -79,6 +80,28 @@ def demo_dataset_on_every_node(image_size: int, cache: Path = DEMO_CACHE) -> Pat
     return prepared
 
 
+@dataclasses.dataclass
+class RunResult(ray.train.Result):
+    """Ray Train's Result, plus where the run and its newest checkpoint are as the next command
+    takes them: `result.path` and `result.checkpoint.path` are paths inside the storage's
+    filesystem ("bucket/runs/x"), which drop a URI's scheme."""
+
+    run_uri: str = ""
+    checkpoint_uri: str | None = None
+    wall_s: float = 0.0  # this fit() call, start-up included
+    images_per_s: float | None = None  # training images over training seconds, every epoch of the run
+
+    @classmethod
+    def of(cls, result: ray.train.Result, run_dir: str, wall_s: float) -> "RunResult":
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.init}
+        checkpoint = storage.join(run_dir, storage.base_name(result.checkpoint.path)) if result.checkpoint else None
+        return cls(**fields, run_uri=run_dir, checkpoint_uri=checkpoint, wall_s=wall_s,
+                   images_per_s=mean_images_per_s(read_metrics_files(run_dir)))
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
     """Logical CPUs of the local cluster Trainer starts: the workers' share plus room for Ray Data
     tasks, and never fewer than the cores (plus 2). Ray takes whole numbers only."""
@@ -97,15 +120,14 @@ class Trainer:
 
     def connect(self) -> None:
         """Join the configured cluster, or start this run's local one; nothing when Ray is up."""
-        if ray.is_initialized():
-            return
-        if self.address:
-            ray.init(address=self.address)
-            return
-        # Local cluster: logical CPUs beyond the cores, so Ray Data tasks run beside the workers.
-        # address="local": always a cluster of our own (never one found in /tmp/ray), whose
-        # processes die with this driver (Ray's fate-sharing), so a restarted driver starts clean.
-        ray.init(address="local", num_cpus=local_cluster_cpus(self.config), include_dashboard=False)
+        # A local cluster gets logical CPUs beyond the cores, so Ray Data tasks run beside the
+        # workers; its processes die with this driver (Ray's fate-sharing), so a restarted driver
+        # starts clean.
+        if not self.address and not ray.is_initialized():
+            # Nothing preempts a cluster on this machine, and Ray Train's preemption watcher logs a
+            # core_worker error on every start; the driver's setting reaches the controller.
+            os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        ray_cluster.connect(self.address, num_cpus=local_cluster_cpus(self.config))
 
     @property
     def cpus_per_worker(self) -> float:
@@ -174,8 +196,9 @@ class Trainer:
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress lines, not Ray's per-report INFO
             ),
         )
+        started = time.perf_counter()
         try:
-            return trainer.fit()
+            return RunResult.of(trainer.fit(), run_dir, time.perf_counter() - started)
         except ray.train.ControllerError as error:
             cause = failures.unwrap(error)
             if cause is error:

@@ -12,7 +12,6 @@ import itertools
 import os
 import sys
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +35,7 @@ from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_sh
 from alexnet_ray.train.precision import LossScaler, device_capability, resolve_precision
 from alexnet_ray.train.ray_logs import quiet_ray_logs
 from alexnet_ray.train.schedule import make_lr_schedule
-
-
-@dataclasses.dataclass
-class WorkerState:
-    config: Config
-    groups: Any
-    device: torch.device
-    model: TowerParallel
-    optimizer: torch.optim.SGD
-    schedule: Any
-    start_epoch: int
-    autocast: Any  # run.precision's autocast context
-    scaler: LossScaler  # fp16's loss scale (a no-op otherwise)
+from alexnet_ray.train.worker_state import WorkerState
 
 
 def _set_determinism(config: Config, cpus: float) -> None:
@@ -175,7 +162,7 @@ def train_worker(loop_config: dict) -> None:
 
         metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads}
         if tools.rank == 0:
-            print_epoch_summary(metrics, config.run.epochs)
+            print_epoch_summary(metrics, config.run.epochs, tools.progress.run_clock(epoch, 1.0))
         report_epoch(w, epoch, metrics, manifest, tools.rank)
 
 
@@ -300,12 +287,12 @@ def epoch_metrics(epoch: int, lr: float, elapsed: float, meter: EpochMeter, trai
     }
 
 
-def print_epoch_summary(metrics: dict, epochs: int) -> None:
+def print_epoch_summary(metrics: dict, epochs: int, run_clock: str) -> None:
     """The one line per epoch that rank 0 prints."""
     sys.stdout.write(
         f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f}, "
         f"val top-1/top-5 error {metrics['val_top1_error']:.3f}/{metrics['val_top5_error']:.3f}"
         f"{' (10 crops)' if metrics['val_ten_crop'] else ''}, {metrics['images_per_s']:,.0f} img/s, "
-        f"lr {metrics['lr']:.5g}\n"
+        f"lr {metrics['lr']:.5g}, {run_clock}\n"
     )
     sys.stdout.flush()
