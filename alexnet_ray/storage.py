@@ -125,11 +125,28 @@ def read_text(location) -> str:
 
 
 def open_input(location):
-    """A random-access file (pyarrow NativeFile): local files are memory-mapped."""
+    """A random-access file (pyarrow NativeFile): local files are memory-mapped. The training
+    loader's row-group reads go through here (alexnet_ray.data.shards.read_row_groups)."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
         return pa.memory_map(path)
     return fs.open_input_file(path)
+
+
+def file_size(location) -> int:
+    """The file's size in bytes (one metadata request on an object store, no body)."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location}: no such file")
+    return int(info.size)
+
+
+def read_range(location, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) of a file: one ranged GET on an object store. The shard
+    footers the training loader keeps are read through here (alexnet_ray.data.shards.read_footer)."""
+    with open_input(location) as file:
+        return file.read_at(length, offset)
 
 
 def make_dirs(location) -> None:

@@ -1,7 +1,7 @@
 """Benchmarks: figures side by side in one run, never timed tests.
 
     python jobs/benchmark.py model-parallel [--quick]   # reference vs two towers vs micro-batches
-    python jobs/benchmark.py data [--quick]             # DataLoader baseline vs Ray Data pipeline
+    python jobs/benchmark.py data [--quick] [--replicas 1 4 16]  # DataLoader baseline vs Ray Data pipeline; read amplification
     python jobs/benchmark.py end-to-end [--quick]       # Trainer.fit() vs a plain torch.multiprocessing loop
     python jobs/benchmark.py soak [--quick]             # worker memory over many epochs
     python jobs/benchmark.py prepare [--images N]       # prepare vs a plain multiprocessing.Pool

@@ -41,13 +41,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
     parser.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip")
     parser.add_argument("--shard-mb", type=float, default=64, help="approximate shard size in MB (default 64)")
+    parser.add_argument("--row-group-rows", type=int, default=64,
+                        help="rows per Parquet row group, the unit training reads and shuffles (default 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared OUT")
     parser.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local cluster of its own)")
     args = parser.parse_args(argv)
     try:
         prepare_dataset(args.src, args.out, layout=args.layout, val_labels=args.val_labels, size=args.size,
-                        on_bad_image=args.on_bad_image, shard_mb=args.shard_mb, overwrite=args.overwrite,
-                        address=args.address)
+                        on_bad_image=args.on_bad_image, shard_mb=args.shard_mb,
+                        row_group_rows=args.row_group_rows, overwrite=args.overwrite, address=args.address)
     except ValueError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ Launch commands (copy-paste):
     python jobs/train.py                                   # demo preset, embedded dataset, local Ray
     python jobs/train.py --preset tiny --epochs 2          # the smallest run that still learns
     python jobs/train.py --preset paper --data /datasets/imagenet-prepared --storage s3://bucket/runs --name paper-1
-    python jobs/train.py --config my.yaml --set parallel.replicas=4 --set optimizer.lr_scaling=sqrt
+    python jobs/train.py --config my.yaml --set parallel.replicas=4 --set data.global_batch_size=512 --set optimizer.lr_scaling=sqrt
     RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- python jobs/train.py --preset tiny
 
 Re-running with the same --name and --storage resumes from the run's latest checkpoint.

@@ -81,15 +81,72 @@ def tiny_run(prepared_demo, tmp_path_factory):
     return Trainer(tiny_config(prepared_demo, storage, "run.name=shared-tiny")).fit()
 
 
+class GetBytes:
+    """A WSGI wrapper counting the body bytes of every GET response, per request path
+    (/bucket/key): what an object store bills as read, counted by the server itself."""
+
+    def __init__(self, app):
+        import collections
+        import threading
+
+        self.app, self.by_path, self._lock = app, collections.Counter(), threading.Lock()
+
+    def __call__(self, environ, start_response):
+        body = self.app(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "GET":
+            return body
+        return self._counted(environ.get("PATH_INFO", ""), body)
+
+    def _counted(self, path, body):
+        count = 0
+        try:
+            for chunk in body:
+                count += len(chunk)
+                yield chunk
+        finally:
+            with self._lock:
+                self.by_path[path] += count
+            if hasattr(body, "close"):
+                body.close()
+
+    def total(self, contains: str) -> int:
+        with self._lock:
+            return sum(n for path, n in self.by_path.items() if contains in path)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_path.clear()
+
+
+S3_GETS: list = []  # the session's S3 server's GetBytes, once s3_endpoint has started it
+
+
+@pytest.fixture
+def s3_get_bytes(s3_endpoint):
+    """The GET body bytes the session's S3 server has sent, per path (GetBytes), reset for the test."""
+    S3_GETS[0].reset()
+    return S3_GETS[0]
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 server on loopback (moto's server mode) for the session: AWS_ENDPOINT_URL and dummy
     credentials in the environment. Ray's workers inherit the environment the cluster started
     with, so a shared cluster started before this fixture is restarted (whatever the test order)."""
     import ray
+    from moto.moto_server import threaded_moto_server
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    class CountingMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:  # ThreadedMotoServer's, with the app wrapped
+            app = GetBytes(threaded_moto_server.DomainDispatcherApplication(threaded_moto_server.create_backend_app))
+            S3_GETS[:] = [app]
+            self._server = threaded_moto_server.make_server(self._ip_address, self._port, app, True,
+                                                           request_handler=threaded_moto_server.MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = CountingMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test-key",

@@ -103,8 +103,8 @@ def train(*args):
 CASES = {
     "train unknown key": (train("--data", "{data}", "--set", "model.widht=1"), 2,
                           "unknown key model.widht (did you mean model.width?)"),
-    "train wrong type": (train("--data", "{data}", "--set", "data.batch_size=big"), 2,
-                         "data.batch_size must be an integer"),
+    "train wrong type": (train("--data", "{data}", "--set", "data.global_batch_size=big"), 2,
+                         "data.global_batch_size must be an integer"),
     "train missing config file": (train("--config", "{out}"), 2, "config file {out} does not exist"),
     "train config not a mapping": (train("--config", "{list_yaml}"), 2, "{list_yaml}: expected a mapping of sections"),
     "train config wrong type": (("train", ["--config", "{typed_yaml}", "--data", "{data}"]), 2,
@@ -206,7 +206,7 @@ def test_bad_input_is_refused_in_one_line(case, inputs, tmp_path, capsys):
 def test_more_workers_than_the_cluster_holds_is_refused_once_connected(inputs, tmp_path, ray_cluster, capsys):
     storage = tmp_path / "runs"
     code, out, err = run(capsys, "train", ["--preset", "tiny", "--data", str(inputs["data"]), "--storage", str(storage),
-                                           "--set", "parallel.replicas=20"])
+                                           "--set", "parallel.replicas=20", "--set", "data.global_batch_size=40"])
     check_refused(code, out, err, 2, f"= 40 workers x parallel.cpus_per_worker=0.5 need 20 CPUs; the Ray cluster "
                                      f"has {RAY_TEST_CPUS}")
     assert not storage.exists()

@@ -21,7 +21,7 @@ def test_paper_preset_is_the_papers_recipe():
     c = load_config("paper", check_data=False)
     assert (c.model.num_classes, c.model.width, c.model.image_size, c.model.dropout) == (1000, 1.0, 224, 0.5)
     assert (c.model.init, c.model.activation, c.model.lrn, c.model.pool) == ("paper", "relu", True, "overlapping")
-    assert (c.data.batch_size, c.data.pca_lighting, c.data.ten_crop_final_eval) == (128, True, True)
+    assert (c.data.global_batch_size, c.data.pca_lighting, c.data.ten_crop_final_eval) == (128, True, True)
     assert (c.optimizer.lr, c.optimizer.momentum, c.optimizer.weight_decay) == (0.01, 0.9, 5e-4)
     assert (c.schedule.kind, c.schedule.plateau_factor, c.schedule.plateau_max_decays) == ("plateau", 0.1, 3)
     assert (c.parallel.towers, c.run.epochs) == (2, 90)
@@ -62,12 +62,37 @@ def test_override_types():
 
 def test_scaled_lr():
     assert scaled_lr(0.01, "none", 4) == 0.01
-    assert scaled_lr(0.01, "linear", 4) == pytest.approx(0.04)
-    assert scaled_lr(0.01, "sqrt", 4) == pytest.approx(0.02)
-    assert scaled_lr(0.01, "linear", 8, base_replicas=2) == pytest.approx(0.04)
-    c = load_config("tiny", overrides=["optimizer.lr=0.02", "optimizer.lr_scaling=sqrt", "parallel.replicas=2"])
-    assert c.effective_lr() == pytest.approx(0.02 * math.sqrt(2))
-    assert c.num_workers == 4 and c.global_batch_size == 32
+    assert scaled_lr(0.01, "linear", 512) == pytest.approx(0.04)  # from the default base of 128
+    assert scaled_lr(0.01, "sqrt", 4, base_batch=1) == pytest.approx(0.02)
+    assert scaled_lr(0.01, "linear", 8, base_batch=2) == pytest.approx(0.04)
+    c = load_config("tiny", overrides=["optimizer.lr=0.02", "optimizer.lr_scaling=sqrt", "optimizer.base_batch_size=8"])
+    assert c.effective_lr() == pytest.approx(0.02 * math.sqrt(2))  # tiny's global batch is 16
+    two = load_config("tiny", overrides=["optimizer.lr=0.02", "optimizer.lr_scaling=sqrt", "optimizer.base_batch_size=8",
+                                         "parallel.replicas=2"])
+    assert two.effective_lr() == c.effective_lr()  # the replica count changes nothing in the math
+    assert two.num_workers == 4 and two.global_batch_size == 16 and two.replica_share == 8
+
+
+def test_per_replica_batch_settings_are_refused_with_what_to_write(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.batch_size \(images per replica\) is gone.*"
+                                          r"data.global_batch_size=<the old data.batch_size x parallel.replicas>"):
+        load_config("tiny", overrides=["data.batch_size=16"])
+    f = tmp_path / "old.yaml"
+    f.write_text("optimizer:\n  base_replicas: 2\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: optimizer.base_replicas is gone.*optimizer.base_batch_size="):
+        load_config("tiny", path=f)
+    with pytest.raises(ConfigError, match="data.global_batch_size=2 is smaller than parallel.replicas=4"):
+        load_config("tiny", overrides=["data.global_batch_size=2", "parallel.replicas=4"], check_data=False)
+
+
+def test_microbatch_rows_bound_follows_the_layout_or_the_field():
+    c = load_config("tiny", overrides=["data.global_batch_size=96", "parallel.replicas=2", "parallel.microbatches=3"],
+                    check_data=False)
+    assert c.microbatch_rows == 16  # 96 / (2 x 3): on fewer replicas the share is cut into more micro-batches
+    c.parallel.microbatch_rows = 10
+    assert c.microbatch_rows == 10
+    with pytest.raises(ConfigError, match="parallel.microbatch_rows=0: must be >= 1"):
+        load_config("tiny", overrides=["parallel.microbatch_rows=0"], check_data=False)
 
 
 BAD_OVERRIDES = [
@@ -180,8 +205,8 @@ def test_cluster_resource_checks():
 
 def test_programmatic_wrong_type_is_caught():
     c = preset_config("tiny")
-    c.data.batch_size = "16"
-    with pytest.raises(ConfigError, match="data.batch_size must be an integer, got '16'"):
+    c.data.global_batch_size = "16"
+    with pytest.raises(ConfigError, match="data.global_batch_size must be an integer, got '16'"):
         validate_config(c)
     with pytest.raises(ConfigError, match="run.epochs must be an integer, got True"):
         Config.from_dict({"run": {"epochs": True}})
@@ -210,11 +235,12 @@ def test_local_cluster_cpus_are_whole_and_cover_the_workers():
     one_tower = load_config("tiny", overrides=["parallel.towers=1"])  # 1 x 0.5 CPU: Ray takes whole numbers only
     assert local_cluster_cpus(one_tower, cores=2) == 5
     assert local_cluster_cpus(one_tower, cores=16) == 18
-    big = load_config("tiny", overrides=["parallel.replicas=4", "parallel.cpus_per_worker=1.5", "data.batch_size=32"])
+    big = load_config("tiny", overrides=["parallel.replicas=4", "parallel.cpus_per_worker=1.5", "data.global_batch_size=32"])
     assert local_cluster_cpus(big, cores=2) == 16  # ceil(2 * 4 * 1.5) + 2 + 2
 
 
 def test_any_batch_over_any_micro_batch_count_is_accepted():
     """The loader's batches are uneven (an epoch's last one can be tiny): no batch size is refused."""
-    for overrides in (["data.batch_size=16", "parallel.microbatches=3"], ["data.batch_size=2", "parallel.microbatches=4"]):
+    for overrides in (["data.global_batch_size=16", "parallel.microbatches=3"],
+                      ["data.global_batch_size=2", "parallel.microbatches=4"]):
         validate_config(load_config("tiny", overrides=overrides, validate=False), check_data=False)

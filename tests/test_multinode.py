@@ -37,7 +37,7 @@ def two_node_cluster():
 def test_tower_pairs_share_a_node_and_replicas_spread(prepared_demo, tmp_path, two_node_cluster):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
     config = tiny_config(prepared_demo, tmp_path, "parallel.replicas=2", "parallel.cpus_per_worker=1",
-                         "optimizer.lr_scaling=linear", "run.name=two-nodes")
+                         "run.name=two-nodes")
     result = Trainer(config).fit()
 
     epochs = [json.loads(p.read_text()) for p in sorted((Path(result.path) / "metrics").glob("epoch_*.json"))]

@@ -6,7 +6,7 @@ import pytest
 
 from alexnet_ray.data.augment import augment_eval, augment_train
 from alexnet_ray.data.demo import write_demo_dataset
-from alexnet_ray.data.pipeline import EvalLoader, TrainLoader, replica_batch_sizes
+from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.data.prepare import prepare_dataset
 
 IMAGE_SIZE = 16
@@ -35,36 +35,96 @@ def _stored(data_dir, split):
     return manifest, rows
 
 
-def test_batch_plan_is_equal_across_replicas_and_complete():
-    for rows in range(5, 80):
-        for replicas in (1, 2, 3, 4):
-            for batch in (2, 3, 8):
-                plan = replica_batch_sizes(rows, batch, replicas)
-                assert len({len(p) for p in plan}) == 1
-                assert sum(map(sum, plan)) == rows
-                assert all(1 <= s <= batch for p in plan for s in p)
-    assert replica_batch_sizes(10, 4, 2) == [[4, 1], [4, 1]]
-    assert replica_batch_sizes(9, 4, 2) == [[4, 1], [2, 2]]
-    with pytest.raises(ValueError, match="batch_size=1"):
-        replica_batch_sizes(5, 1, 2)
-    with pytest.raises(ValueError, match="replicas=3"):
-        replica_batch_sizes(2, 4, 3)
+def test_global_batches_and_shares():
+    from alexnet_ray.data.pipeline import global_batch_sizes, replica_offsets
+
+    assert global_batch_sizes(10, 4) == [4, 4, 2] and global_batch_sizes(8, 4) == [4, 4]
+    assert replica_offsets(7, 3).tolist() == [0, 3, 5, 7]
+    assert replica_offsets(2, 3).tolist() == [0, 1, 2, 2]  # a short last batch: replica 2 has none
+    with pytest.raises(ValueError, match="global_batch_size=0"):
+        global_batch_sizes(5, 0)
+
+
+@pytest.fixture(scope="module")
+def many_groups(tmp_path_factory):
+    """1,206 train images of 12 px in row groups of 4 (302 groups, the last of 2): 18 windows of
+    16 groups at a global batch of 64, and a short tail. Prepared in-process, no Ray."""
+    root = tmp_path_factory.mktemp("many-groups")
+    write_demo_dataset(root / "src", seed=5, num_classes=3, train_per_class=401, val_per_class=1)
+    prepare_dataset(root / "src", root / "out", size=12, row_group_rows=4, use_ray=False, progress=False)
+    return root / "out"
+
+
+def _plan(data_dir, replicas, global_batch=64, epoch=0, seed=7):
+    loader = TrainLoader(data_dir, global_batch_size=global_batch, replicas=replicas, image_size=8, seed=seed)
+    shares = [loader._replica_steps(loader.epoch_order(epoch), r) for r in range(replicas)]
+    for r in range(replicas):
+        loader._items(epoch, r)  # the tasks and what they read
+    return loader, shares
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 16])
+def test_reads_once_and_global_batches_do_not_depend_on_replicas(many_groups, replicas):
+    """Every row once an epoch; step k's global batch row for row the 1-replica run's; micro-batches
+    (near-equal slices of a share, as TowerParallel cuts them) keep it; row groups read per epoch
+    over row groups within 1.1 where `replicas` divides WINDOW_GROUPS, else 1 + R/W."""
+    import torch
+
+    from alexnet_ray.data.pipeline import WINDOW_GROUPS
+    from alexnet_ray.parallel.tower_parallel import split_microbatches
+
+    reference, (alone,) = _plan(many_groups, 1)
+    loader, shares = _plan(many_groups, replicas)
+    for k, step in enumerate(alone):
+        together = np.concatenate([shares[r][k] for r in range(replicas)])
+        np.testing.assert_array_equal(together, step)
+        for microbatches in (1, 4):
+            pieces = [mb.labels.numpy() for r in range(replicas) if len(shares[r][k])
+                      for mb in split_microbatches(torch.zeros(len(shares[r][k])), torch.from_numpy(shares[r][k]),
+                                                   microbatches, 0)]
+            np.testing.assert_array_equal(np.concatenate(pieces), step)
+    every = np.concatenate([np.concatenate(s) for s in shares])
+    assert sorted(every.tolist()) == list(range(loader.num_images))
+    groups = sum(loader.reads[(0, r)].row_groups for r in range(replicas)) / loader.index.num_units
+    bound = 1.1 if WINDOW_GROUPS % replicas == 0 else 1 + replicas / WINDOW_GROUPS
+    assert groups <= bound, f"{groups:.3f} row groups read per row group at {replicas} replicas"
+    read = sum(loader.reads[(0, r)].bytes for r in range(replicas)) / loader.split_bytes
+    assert read <= bound + 0.05, f"{read:.3f} bytes read per byte (footers included)"
+
+
+def test_shuffle_differs_across_epochs_and_mixes_classes(many_groups):
+    """Two epochs' orders differ (and not by a rotation of row groups: most global batches share
+    few rows); each global batch's label mix stays within 0.2 of the split's 1/3 per class (a batch
+    of 64 takes 4 rows from each of 16 row groups; the rows were stored in a random order)."""
+    loader, _ = _plan(many_groups, 1)
+    first, second = loader.epoch_order(0), loader.epoch_order(1)
+    assert not np.array_equal(first, second)
+    steps = [set(first[i:i + 64].tolist()) for i in range(0, len(first), 64)]
+    overlap = max(len(a & set(second[j:j + 64].tolist())) for a in steps[:5] for j in range(0, len(second), 64))
+    assert overlap <= 16
+    _, rows = _stored(many_groups, "train")
+    labels = np.array([r["label"] for r in rows])
+    worst = 0.0
+    for i in range(0, len(first) - 63, 64):
+        mix = np.bincount(labels[first[i:i + 64]], minlength=3) / 64
+        worst = max(worst, float(np.abs(mix - 1 / 3).max()))
+    assert worst <= 0.2, worst
 
 
 @pytest.mark.ray
 def test_every_training_image_once_per_epoch_across_replicas(prepared):
     manifest, rows = _stored(prepared, "train")
     labels = np.array([r["label"] for r in rows])
+    reference = TrainLoader(prepared, global_batch_size=8, replicas=1, image_size=IMAGE_SIZE, seed=11)
+    order = reference.epoch_order(0)
     for replicas in (1, 2, 3):
-        loader = TrainLoader(prepared, batch_size=8, replicas=replicas, image_size=IMAGE_SIZE, seed=11)
-        seen = []
-        for replica in range(replicas):
-            planned = loader.replica_rows(0, replica)
-            batches = list(loader.iter_epoch(0, replica))
+        loader = TrainLoader(prepared, global_batch_size=8, replicas=replicas, image_size=IMAGE_SIZE, seed=11)
+        per_replica = [list(loader.iter_epoch(0, r)) for r in range(replicas)]
+        for r, batches in enumerate(per_replica):
             assert len(batches) == loader.batches_per_epoch
-            got = np.concatenate([b["labels"] for b in batches])
-            np.testing.assert_array_equal(got, labels[planned])
-            seen.append(planned)
+            assert [len(b["labels"]) for b in batches] == loader.batch_sizes(r)
+            planned = loader.replica_rows(0, r)
+            np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches]), labels[planned])
             if replicas == 2:  # the images are the planned rows' augmentations, exactly
                 images, lighting = augment_train([rows[i]["jpeg"] for i in planned], planned, seed=11, epoch=0,
                                                  image_size=IMAGE_SIZE, eigval=manifest.eigval(),
@@ -72,19 +132,25 @@ def test_every_training_image_once_per_epoch_across_replicas(prepared):
                 np.testing.assert_array_equal(np.concatenate([b["images"] for b in batches]), images)
                 np.testing.assert_array_equal(np.concatenate([b["lighting"] for b in batches]), lighting)
                 assert batches[0]["images"].dtype == np.uint8 and batches[0]["lighting"].dtype == np.float32
-                assert batches[0]["images"].shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
-        everything = np.concatenate(seen)
-        assert sorted(everything) == list(range(len(rows)))  # no loss, no duplicates
-        if replicas == 3:  # 18, 17, 17 rows in batches [8, 8, 2], [8, 8, 1], [8, 8, 1]
-            assert loader.step_rows(0) == ([0, 0, 0], [24, 24, 4])
-            assert loader.step_rows(2) == ([16, 16, 3], [24, 24, 4])
+                assert batches[0]["images"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+        # step k's global batch: the replicas' batches in replica order, the 1-replica run's rows
+        steps = [np.concatenate([per_replica[r][k]["labels"] for r in range(replicas)])
+                 for k in range(loader.batches_per_epoch)]
+        np.testing.assert_array_equal(np.concatenate(steps), labels[order])
+        if replicas == 3:  # 52 rows: 6 steps of 8 and one of 4, sliced 3/3/2 and 2/1/1
+            assert loader.share(0) == ([0] * 7, [3] * 6 + [2]) and loader.share(2) == ([6] * 6 + [3], [2] * 6 + [1])
+    short = TrainLoader(prepared, global_batch_size=8, replicas=8, image_size=IMAGE_SIZE, seed=11)
+    last = [list(short.iter_epoch(0, r))[-1]["labels"] for r in range(8)]
+    assert [len(x) for x in last] == [1, 1, 1, 1, 0, 0, 0, 0]  # past the short last batch: empty
+    with pytest.raises(ValueError, match="smaller than replicas=9"):
+        TrainLoader(prepared, global_batch_size=8, replicas=9, image_size=IMAGE_SIZE)
 
 
 @pytest.mark.ray
 def test_order_changes_across_epochs_and_is_reproducible(prepared):
-    loader = TrainLoader(prepared, batch_size=8, replicas=2, image_size=IMAGE_SIZE, seed=5)
+    loader = TrainLoader(prepared, global_batch_size=8, replicas=2, image_size=IMAGE_SIZE, seed=5)
     first = list(loader.iter_epoch(1, 1))
-    again = list(TrainLoader(prepared, batch_size=8, replicas=2, image_size=IMAGE_SIZE, seed=5).iter_epoch(1, 1))
+    again = list(TrainLoader(prepared, global_batch_size=8, replicas=2, image_size=IMAGE_SIZE, seed=5).iter_epoch(1, 1))
     assert len(first) == len(again)
     for a, b in zip(first, again):
         for key in ("images", "labels", "lighting"):
@@ -92,7 +158,7 @@ def test_order_changes_across_epochs_and_is_reproducible(prepared):
     assert not np.array_equal(loader.replica_rows(1, 1), loader.replica_rows(2, 1))
     other_epoch = np.concatenate([b["labels"] for b in loader.iter_epoch(2, 1)])
     assert not np.array_equal(np.concatenate([b["labels"] for b in first]), other_epoch)
-    other_seed = TrainLoader(prepared, batch_size=8, replicas=2, image_size=IMAGE_SIZE, seed=6)
+    other_seed = TrainLoader(prepared, global_batch_size=8, replicas=2, image_size=IMAGE_SIZE, seed=6)
     assert not np.array_equal(other_seed.replica_rows(1, 1), loader.replica_rows(1, 1))
 
 
@@ -128,7 +194,7 @@ def test_eval_ten_crop_batches(prepared):
 def test_tasks_hold_whole_batches_within_the_limits():
     from alexnet_ray.data.pipeline import TASK_BYTES, TASK_ROWS, batch_tasks
 
-    sizes = [128] * 9 + [17]
+    sizes = [128] * 9 + [17]  # evaluation tasks
     tasks = batch_tasks(sizes, 224 * 224 * 3)
     # one batch first (the epoch's first step waits for few decodes), then doubling up to the limit
     assert tasks[:3] == [(0, 1), (1, 3), (3, 7)] and tasks[-1][1] == len(sizes)

@@ -155,7 +155,7 @@ def test_two_towers_train_in_fp16_on_cpu(prepared_demo, tiny_run, tmp_path):
 
     state = load_checkpoint(result.checkpoint.path)
     scale, clean = state["loss_scaler"]["scale"], state["loss_scaler"]["clean_steps"]
-    steps = TrainLoader(prepared_demo, batch_size=16, replicas=1, image_size=64).batches_per_epoch
+    steps = TrainLoader(prepared_demo, global_batch_size=16, replicas=1, image_size=64).batches_per_epoch
     assert math.log2(scale) == int(math.log2(scale)) <= 16 and 0 < clean <= steps
     state["loss_scaler"] = {"scale": 1024.0, "clean_steps": 1990}
     save_checkpoint(tmp_path / "edited", state)

@@ -2,6 +2,7 @@
 
     python jobs/benchmark.py data            # 1000 generated photos (and a 4x set for memory)
     python jobs/benchmark.py data --quick    # 500
+    python jobs/benchmark.py data --quick --replicas 1 4 16   # read amplification at 1, 4, 16 replicas
 
 On the same CPU cores, images/s per core for
   (a) baseline: torch DataLoader over the raw ~500x375 JPEGs, PIL decode, resize 256, random 224
@@ -20,6 +21,10 @@ contenders unequal slices of the cores; the wall-clock rates per core and the sh
 each got are reported too.
 Peak memory (PSS of the driver and every Ray process it started) over an epoch of the set and of
 a set four times larger: streaming should not grow with the data. The last line is one JSON object.
+
+--replicas R...: for each R, every replica's TrainLoader iterates one epoch of the 4x set (no
+training), and the bytes and row groups their tasks read (footers included) are printed over the
+split's size and row groups: 1.0 is each row group read once an epoch, cluster-wide.
 """
 
 from __future__ import annotations
@@ -196,18 +201,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workdir", default=None, help="keep the generated data here")
+    parser.add_argument("--replicas", type=int, nargs="+", default=None,
+                        help="also measure read amplification with this many replicas (e.g. 1 4 16)")
     args = parser.parse_args(argv)
     count = args.images or (500 if args.quick else 1000)
     cores = len(os.sched_getaffinity(0))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="alexnet-data-bench-"))
     try:
-        return _run(work, count, cores, args.batch_size)
+        return _run(work, count, cores, args.batch_size, args.replicas or [])
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
+def read_amplification(data_dir: Path, replicas: int, batch_size: int, epoch: int = 0) -> dict:
+    """Every replica's loader for one epoch, one after another: what their tasks read, per epoch,
+    over the split (bytes, footers included; row groups), and the images/s of the whole pass."""
+    from alexnet_ray.data.pipeline import TrainLoader
+
+    loader = TrainLoader(data_dir, global_batch_size=batch_size, replicas=replicas, image_size=224, seed=0)
+    started, images = time.perf_counter(), 0
+    for replica in range(replicas):
+        images += sum(len(b["labels"]) for b in loader.iter_epoch(epoch, replica))
+    seconds = time.perf_counter() - started
+    read_bytes = sum(loader.reads[(epoch, r)].bytes for r in range(replicas))
+    groups = sum(loader.reads[(epoch, r)].row_groups for r in range(replicas))
+    return {"replicas": replicas, "bytes_over_split": round(read_bytes / loader.split_bytes, 3),
+            "row_groups_over_split": round(groups / loader.index.num_units, 3), "images": images,
+            "images_per_s": round(images / seconds, 1)}
+
+
+def _run(work: Path, count: int, cores: int, batch_size: int, replica_counts: list[int]) -> int:
     import ray
 
     from alexnet_ray.data.manifest import load_manifest
@@ -242,11 +266,11 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
         index = ShardIndex.from_manifest(load_manifest(work / "prepared"), "train")
         jpegs = [bytes(j) for j in index.read(np.arange(min(index.num_rows, 200)))[0]]
 
-        loader = TrainLoader(work / "prepared", batch_size=batch_size, replicas=1, image_size=224, seed=0)
+        loader = TrainLoader(work / "prepared", global_batch_size=batch_size, replicas=1, image_size=224, seed=0)
         for _ in loader.iter_epoch(0, 0):  # warm the Ray workers
             pass
         bigger = _repeat_dataset(work / "prepared", work / "prepared4x", 4)
-        big_loader = TrainLoader(bigger, batch_size=batch_size, replicas=1, image_size=224, seed=0)
+        big_loader = TrainLoader(bigger, global_batch_size=batch_size, replicas=1, image_size=224, seed=0)
         # Speed on the 4x set (more batches, less start-up share); memory sampling apart, since
         # reading /proc/*/smaps_rollup costs CPU of its own.
         epochs = iter(range(1, ROUNDS + 1))
@@ -275,6 +299,10 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
             _timed(big_loader.iter_epoch(ROUNDS + 1, 0))
         print(f"    peak PSS of driver + Ray processes: {memory.peak:.0f} MB over the set, "
               f"{memory4.peak:.0f} MB over the 4x set")
+        reads = [read_amplification(bigger, r, batch_size) for r in replica_counts]
+        for r in reads:
+            print(f"    {r['replicas']:3d} replicas: read {r['bytes_over_split']:.3f} x the train shards' bytes and "
+                  f"{r['row_groups_over_split']:.3f} x their row groups per epoch ({r['images_per_s']:.0f} images/s)")
     finally:
         pool.terminate()
         ray.shutdown()
@@ -300,6 +328,7 @@ def _run(work: Path, count: int, cores: int, batch_size: int) -> int:
         "peak_rss_mb_4x": round(memory4.peak, 1),
         "rss_growth_4x": round(memory4.peak / max(memory.peak, 1e-9), 3),
         "prepare_images_per_s": round(count / prepare_s, 1),
+        "reads": reads,
     }
     print(f"speedup {result['speedup']}x (goal >= 5), {result['fraction_of_limit']:.0%} of the decode limit "
           f"(goal >= 70%), memory 4x/1x {result['rss_growth_4x']} (goal <= 1.2)")

@@ -48,7 +48,7 @@ import torch.multiprocessing as mp
 from alexnet_ray.data.augment import augment_train
 from alexnet_ray.data.demo import DEMO_NUM_CLASSES, write_demo_dataset
 from alexnet_ray.data.manifest import load_manifest
-from alexnet_ray.data.pipeline import TrainLoader, replica_batch_sizes
+from alexnet_ray.data.pipeline import TrainLoader
 from alexnet_ray.data.prepare import prepare_dataset
 from alexnet_ray.model import AlexNet, Tower, split_state_dict
 from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
@@ -76,7 +76,7 @@ def prepare_demo(root: Path, train_images: int) -> Path:
 
 def benchmark_config(data_dir: Path, storage: Path, epochs: int, batch: int) -> Config:
     return load_config("demo", overrides=[
-        f"data.path={data_dir}", f"data.batch_size={batch}", "data.ten_crop_final_eval=false",
+        f"data.path={data_dir}", f"data.global_batch_size={batch}", "data.ten_crop_final_eval=false",
         "parallel.towers=2", "parallel.replicas=1", "parallel.use_gpu=false",
         f"run.epochs={epochs}", f"run.storage={storage}", "run.progress_interval_s=1000000",
     ])
@@ -126,7 +126,7 @@ def profile_data(config: Config, epochs: int) -> dict:
 
     Trainer(config).connect()
     quiet_ray_logs()
-    loader = TrainLoader(config.data.path, batch_size=config.data.batch_size, replicas=1,
+    loader = TrainLoader(config.data.path, global_batch_size=config.data.global_batch_size, replicas=1,
                          image_size=config.model.image_size, seed=config.run.seed,
                          pca_lighting=config.data.pca_lighting, prefetch_batches=config.data.prefetch_batches)
     first, rates = [], []
@@ -148,10 +148,10 @@ def profile_data(config: Config, epochs: int) -> dict:
 
 def make_batches(config: Config, epochs: int) -> list[list[dict[str, torch.Tensor]]]:
     """Every epoch's batches for replica 0, exactly as TrainLoader plans and augments them."""
-    loader = TrainLoader(config.data.path, batch_size=config.data.batch_size, replicas=1,
+    loader = TrainLoader(config.data.path, global_batch_size=config.data.global_batch_size, replicas=1,
                          image_size=config.model.image_size, seed=config.run.seed,
                          pca_lighting=config.data.pca_lighting)
-    sizes = replica_batch_sizes(loader.num_images, config.data.batch_size, 1)[0]
+    sizes = loader.global_rows
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     manifest = loader.manifest
     out = []
@@ -160,7 +160,7 @@ def make_batches(config: Config, epochs: int) -> list[list[dict[str, torch.Tenso
         batches = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             ids = rows[a:b]
-            jpegs, labels = loader.index.read(ids)
+            jpegs, labels, _ = loader.index.read(ids)
             images, lighting = augment_train(jpegs, ids, seed=config.run.seed, epoch=epoch,
                                              image_size=config.model.image_size, eigval=manifest.eigval(),
                                              eigvec=manifest.eigvec(), pca_lighting=config.data.pca_lighting)
@@ -279,7 +279,7 @@ def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], broadca
     m, p = config.model, config.parallel
     load = os.getloadavg()
     print(f"AlexNet width={m.width} image={m.image_size} classes={m.num_classes}, {images} demo images "
-          f"stored at {STORED_SIZE}px, batch {config.data.batch_size}, {p.towers} towers x {p.replicas} replica, "
+          f"stored at {STORED_SIZE}px, batch {config.data.global_batch_size}, {p.towers} towers x {p.replicas} replica, "
           f"{torch_threads(config)} torch thread(s) per process, niceness {niceness} (Ray: {RAY_WORKER_NICENESS}), "
           f"{epochs} epochs, {rounds} round(s), CPU, gloo")
     print("images/s: epochs 2..N only (start-up and first epoch excluded from both); "
@@ -316,7 +316,7 @@ def report(config: Config, ray_runs: list[dict], plain_runs: list[dict], broadca
         "plain_broadcast_rounds_images_per_s": [round(r["images_per_s"], 2) for r in broadcast_runs],
         "data_only_first_batch_s": round(data["first_batch_s"], 3),
         "data_only_images_per_s": round(data["images_per_s"], 1),
-        "images": images, "epochs": epochs, "rounds": rounds, "batch": config.data.batch_size,
+        "images": images, "epochs": epochs, "rounds": rounds, "batch": config.data.global_batch_size,
         "width": m.width, "image_size": m.image_size, "torch_threads": torch_threads(config),
         "plain_niceness": niceness, "ray_worker_niceness": RAY_WORKER_NICENESS,
         "load_average_1m": round(load[0], 2), "quick": quick,

@@ -17,7 +17,8 @@ FORMAT_VERSION = 1
 @dataclass
 class Manifest:
     """classes[label] = name; splits[split] = {"images", "found", "shards": [{"file", "rows",
-    "row_groups": [rows, ...]}]}; mean/std per RGB channel and pca {"eigval", "eigvec"} (columns
+    "row_groups": [rows, ...], "bytes": file size, "footer": [offset, length]}]} ("bytes" and
+    "footer" since the loader reads footers by range; older manifests lack them); mean/std per RGB channel and pca {"eigval", "eigvec"} (columns
     are eigenvectors, eigenvalues descending) of the training split on [0,1]-scaled pixels."""
 
     classes: list[str]

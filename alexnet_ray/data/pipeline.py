@@ -1,39 +1,50 @@
-"""Ray Data pipelines over prepared shards: TrainLoader (shuffled, augmented, split per replica)
+"""Ray Data pipelines over prepared shards: TrainLoader (shuffled, augmented, sliced per replica)
 and EvalLoader (centre crop or ten crops, every image exactly once).
 
-Training epoch plan, a pure function of (seed, epoch) and the manifest:
-  1. permute the row groups (ILSVRC rows were stored in a random order by prepare), then permute
-     rows inside windows of WINDOW_UNITS consecutive row groups: the epoch's global row order;
-  2. replica r takes a contiguous slice of that order (sizes differ by at most one row), so it
-     reads only about 1/replicas of the shards;
-  3. each replica cuts its slice into `batches_per_epoch` batches (the same count on every
-     replica, so data-parallel all-reduces never wait on a missing batch); when a replica's rows
-     would leave its last batch empty, its last two batches share the rows instead.
-Ray Data tasks each take a few whole batches, read the row groups they need, decode every JPEG
-once and crop/flip/light it (alexnet_ray.data.augment); blocks come back in order
-(preserve_order), so a fixed seed gives bit-identical batches. Only the replica's tower 0 iterates;
-its partner receives the batch over the pair group. Batches are numpy views of Ray's object store
-(read-only, no copy): hand them to alexnet_ray.preprocess.to_model_input.
+The global batch defines the run (docs/data-loading.md). The training epoch's order is a pure
+function of (seed, epoch, global batch) and the manifest, never of the replica count:
+  1. permute the row groups and shuffle the rows inside each (ILSVRC rows were stored in a random
+     order by prepare, so a row group is a random sample): one stream of rows;
+  2. cut the stream into windows of `window_steps` global batches (about WINDOW_GROUPS row
+     groups); inside a window, every global batch is a *stripe*: WINDOW_GROUPS slots in a fixed
+     order, slot s taking its next rows from the s-th contiguous piece of the window's stream, so
+     every batch of a window has the same layout;
+  3. step k is rows [k*G, (k+1)*G) of that order (the last step takes the rest); replica r takes
+     the r-th near-equal contiguous slice of each step's rows (possibly none of a short last
+     batch), and micro-batches slice that again.
+Replica r's slices cover the same slots, hence the same row groups, in every batch of a window.
+One Ray Data task per replica per window reads those row groups once, then decodes and yields
+batch by batch; so each row group is read once an epoch cluster-wide when R divides WINDOW_GROUPS
+and the row groups are whole slots, and at most about 1 + R/WINDOW_GROUPS times otherwise.
+Footers are read once per loader and travel with the tasks.
+Augmentation is keyed by (seed, epoch, row id) (alexnet_ray.data.augment); blocks come back in
+order (preserve_order), so a fixed seed gives bit-identical batches. Only the replica's tower 0
+iterates; its partner receives the batch over the pair group. Batches are numpy views of Ray's
+object store (read-only, no copy): hand them to alexnet_ray.preprocess.to_model_input.
 """
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from alexnet_ray import storage
 from alexnet_ray.data.augment import augment_eval, augment_train
 from alexnet_ray.data.manifest import Manifest, load_manifest
-from alexnet_ray.data.shards import ShardIndex
+from alexnet_ray.data.shards import ReadCount, ShardIndex, chunk_ranges, parse_footer
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-WINDOW_UNITS = 4  # row groups whose rows are shuffled together
-TASK_BYTES = 96 << 20  # target output of one Ray Data task (whole batches, at least one);
-# at 224 px that is 4 batches of 128 = one window of rows, so each row group is read about once
-TASK_ROWS = 512  # and at most this many rows (small images), so tasks spread over the CPUs
+WINDOW_GROUPS = 16  # slots per global batch, and row groups per shuffle window
+FOOTER_THREADS = 16  # a loader reads the shards' footers it lacks this many at a time
+# Evaluation tasks: whole batches, about TASK_BYTES of output and at most TASK_ROWS rows.
+TASK_BYTES = 96 << 20
+TASK_ROWS = 512
 
 
 def split_evenly(total: int, parts: int) -> np.ndarray:
@@ -49,47 +60,70 @@ def replica_offsets(total: int, replicas: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(split_evenly(total, replicas))])
 
 
-def replica_batch_sizes(num_rows: int, batch_size: int, replicas: int) -> list[list[int]]:
-    """Per replica, its batch sizes: the same number of non-empty batches on every replica."""
-    if batch_size < 1 or replicas < 1:
-        raise ValueError(f"batch_size={batch_size} and replicas={replicas} must be at least 1")
-    if num_rows < replicas:
-        raise ValueError(f"{num_rows} training images cannot feed replicas={replicas}")
-    rows = split_evenly(num_rows, replicas)
-    batches = -(-int(rows.max()) // batch_size)
-    plan = []
-    for n in rows:
-        sizes = [batch_size] * (batches - 1) + [int(n) - batch_size * (batches - 1)]
-        if sizes[-1] == 0:  # share the last two batches' rows
-            together = sizes[-2]
-            sizes[-2:] = [together - together // 2, together // 2]
-        if min(sizes) < 1:
-            raise ValueError(
-                f"batch_size={batch_size} with replicas={replicas} and {num_rows} images leaves a "
-                "replica an empty batch; choose another batch_size"
-            )
-        plan.append(sizes)
-    return plan
+def global_batch_sizes(num_rows: int, global_batch: int) -> list[int]:
+    """Rows of each step's global batch: `global_batch`, the last step the rest."""
+    if global_batch < 1:
+        raise ValueError(f"global_batch_size={global_batch} must be at least 1")
+    full, rest = divmod(num_rows, global_batch)
+    return [global_batch] * full + ([rest] if rest else [])
 
 
-def epoch_order(index: ShardIndex, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's global row order (a permutation of all row ids)."""
-    rng = np.random.default_rng([seed, epoch, 0x5EED])
+def window_steps(group_rows: int, global_batch: int) -> int:
+    """Global batches per window: WINDOW_GROUPS row groups' worth of rows, in whole batches."""
+    return max(1, round(group_rows * WINDOW_GROUPS / global_batch))
+
+
+def stripe(stream: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """One window's rows (`stream`, in row-group order) arranged into its batches of `sizes` rows:
+    batch b is, slot after slot, slot s's next split_evenly(sizes[b], WINDOW_GROUPS)[s] rows, and
+    slot s reads the s-th contiguous piece of the stream."""
+    q = np.stack([split_evenly(g, WINDOW_GROUPS) for g in sizes])  # (batches, slots)
+    slot_start = np.concatenate([[0], np.cumsum(q.sum(axis=0))[:-1]])
+    starts = (slot_start[None, :] + np.cumsum(q, axis=0) - q).ravel()
+    lengths = q.ravel()
+    before = np.cumsum(lengths) - lengths
+    return stream[np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))]
+
+
+def row_stream(index: ShardIndex, rng: np.random.Generator) -> np.ndarray:
+    """Every row id once: the row groups in a random order, each one's rows shuffled. Groups
+    smaller than the split's row-group size (shard tails) go last, so every full window is whole
+    row groups (slot pieces fall on their edges) and only the last window mixes sizes."""
     units = rng.permutation(index.num_units)
-    pieces = [np.arange(index.unit_start[u], index.unit_start[u] + index.unit_rows[u]) for u in units]
-    order = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-    bounds = np.concatenate([[0], np.cumsum(index.unit_rows[units])])
-    for w in range(0, len(units), WINDOW_UNITS):
-        a, b = bounds[w], bounds[min(w + WINDOW_UNITS, len(units))]
-        order[a:b] = order[a:b][rng.permutation(b - a)]
+    units = np.concatenate([units[index.unit_rows[units] == group_rows(index)],
+                            units[index.unit_rows[units] != group_rows(index)]])
+    rows = index.unit_rows[units]
+    before = np.cumsum(rows) - rows
+    ids = np.repeat(index.unit_start[units] - before, rows) + np.arange(int(rows.sum()))
+    place = np.repeat(np.arange(len(units)), rows)
+    return ids[np.lexsort((rng.random(len(ids)), place))]
+
+
+def epoch_order(index: ShardIndex, seed: int, epoch: int, global_batch: int) -> np.ndarray:
+    """The epoch's global row order (a permutation of all row ids): step k is rows
+    [k * global_batch, (k + 1) * global_batch)."""
+    stream = row_stream(index, np.random.default_rng([seed, epoch, 0x5EED]))
+    sizes = global_batch_sizes(len(stream), global_batch)
+    per_window = window_steps(group_rows(index), global_batch)
+    order, row = np.empty_like(stream), 0
+    for first in range(0, len(sizes), per_window):
+        window = sizes[first: first + per_window]
+        end = row + sum(window)
+        order[row:end] = stripe(stream[row:end], window)
+        row = end
     return order
 
 
+def group_rows(index: ShardIndex) -> int:
+    """The split's row-group size (its largest; only shard tails and skipped images are smaller)."""
+    return int(index.unit_rows.max()) if index.num_units else 1
+
+
 def batch_tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
-    """Group consecutive batches into tasks of about TASK_BYTES: [(first batch, end batch)].
+    """Evaluation: group consecutive batches into tasks of about TASK_BYTES: [(first, end batch)].
 
     The first task holds one batch and each next one twice as many rows, up to the limits: the
-    step waits for one batch's decodes at the start of an epoch, not for a whole task's."""
+    first batch waits for one batch's decodes, not for a whole task's."""
     tasks, first, rows, cap = [], 0, 0, sizes[0] if sizes else 0
     for b, size in enumerate(sizes):
         if b > first and ((rows + size) * row_bytes > TASK_BYTES or rows + size > min(cap, TASK_ROWS)):
@@ -101,13 +135,46 @@ def batch_tasks(sizes: list[int], row_bytes: int) -> list[tuple[int, int]]:
     return tasks
 
 
-def _task_items(row_ids: np.ndarray, sizes: list[int], row_bytes: int) -> list[dict]:
+class Footers:
+    """The footers of a split's shards, each read once (a few at a time) and kept."""
+
+    def __init__(self, index: ShardIndex):
+        self.index, self.footers, self.read = index, {}, ReadCount()
+
+    def get(self, files) -> dict[int, bytes]:
+        missing = sorted(set(int(f) for f in files) - set(self.footers))
+        if missing:
+            with ThreadPoolExecutor(min(FOOTER_THREADS, len(missing))) as pool:
+                for f, footer in zip(missing, pool.map(self.index.read_footer, missing)):
+                    self.footers[f] = footer
+                    self.read.bytes += len(footer)
+        return {int(f): self.footers[int(f)] for f in files}
+
+
+def _task_item(ids: np.ndarray, batch_of_row: np.ndarray, index: ShardIndex, footers: Footers) -> dict:
+    files = np.unique(index.unit_file[index.unit_of(ids)])
+    return {"ids": ids.astype(np.int64).tobytes(), "batch": batch_of_row.astype(np.int64).tobytes(),
+            "footers": pickle.dumps(footers.get(files))}
+
+
+def task_reads(ids: np.ndarray, index: ShardIndex, footers: Footers) -> ReadCount:
+    """What one task reading `ids` fetches: its row groups' column chunks, as coalesced."""
+    units = np.unique(index.unit_of(ids))
+    count = ReadCount(row_groups=len(units))
+    for f in np.unique(index.unit_file[units]).tolist():
+        groups = index.unit_group[units[index.unit_file[units] == f]].tolist()
+        metadata = parse_footer(footers.get([f])[f])
+        count.bytes += sum(b - a for a, b in chunk_ranges(metadata, groups))
+    return count
+
+
+def _task_items(row_ids: np.ndarray, sizes: list[int], row_bytes: int, index: ShardIndex,
+                footers: Footers) -> list[dict]:
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     items = []
     for first, end in batch_tasks(sizes, row_bytes):
         batch_of_row = np.repeat(np.arange(first, end, dtype=np.int64), sizes[first:end])
-        ids = row_ids[bounds[first]: bounds[end]]
-        items.append({"ids": ids.astype(np.int64).tobytes(), "batch": batch_of_row.tobytes()})
+        items.append(_task_item(row_ids[bounds[first]: bounds[end]], batch_of_row, index, footers))
     return items
 
 
@@ -142,31 +209,35 @@ def _from_column(column, dtype, shape: tuple) -> np.ndarray:
     return values.view(dtype).reshape(len(column), *shape)
 
 
+def _item_arrays(batch: dict) -> tuple[np.ndarray, np.ndarray, dict[int, bytes]]:
+    return (np.frombuffer(batch["ids"][0], dtype=np.int64), np.frombuffer(batch["batch"][0], dtype=np.int64),
+            pickle.loads(batch["footers"][0]))
+
+
 def _train_task(batch: dict, *, index: ShardIndex, seed: int, epoch: int, image_size: int,
-                eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool) -> "pa.Table":
-    ids = np.frombuffer(batch["ids"][0], dtype=np.int64)
-    jpegs, labels = index.read(ids)
-    images, lighting = augment_train(jpegs, ids, seed=seed, epoch=epoch, image_size=image_size,
-                                     eigval=eigval, eigvec=eigvec, pca_lighting=pca_lighting)
-    return _to_table({"images": images, "labels": labels, "lighting": lighting,
-                      "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)})
+                eigval: np.ndarray, eigvec: np.ndarray, pca_lighting: bool) -> Iterator["pa.Table"]:
+    """Read the task's row groups once, then decode and yield one batch at a time."""
+    ids, numbers, footers = _item_arrays(batch)
+    jpegs, labels, _ = index.read(ids, footers)
+    cuts = np.flatnonzero(np.diff(numbers)) + 1
+    for a, b in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(ids)]]).tolist()):
+        images, lighting = augment_train(jpegs[a:b], ids[a:b], seed=seed, epoch=epoch, image_size=image_size,
+                                         eigval=eigval, eigvec=eigvec, pca_lighting=pca_lighting)
+        yield _to_table({"images": images, "labels": labels[a:b], "lighting": lighting, "batch": numbers[a:b]})
 
 
 def _eval_task(batch: dict, *, index: ShardIndex, image_size: int, ten_crop: bool) -> "pa.Table":
-    ids = np.frombuffer(batch["ids"][0], dtype=np.int64)
-    jpegs, labels = index.read(ids)
+    ids, numbers, footers = _item_arrays(batch)
+    jpegs, labels, _ = index.read(ids, footers)
     return _to_table({"images": augment_eval(jpegs, image_size=image_size, ten_crop=ten_crop),
-                      "labels": labels, "batch": np.frombuffer(batch["batch"][0], dtype=np.int64)})
+                      "labels": labels, "batch": numbers})
 
 
-def _run(items: list[dict], task, fn_kwargs: dict, sizes: list[int], prefetch: int,
-         columns: dict[str, tuple]) -> Iterator[dict]:
-    """Run one Ray Data task per item, in order, and re-cut the output into the planned batches.
-    `columns`: name -> (dtype, per-row shape) of the arrays handed out."""
+def _blocks(items: list[dict], task, fn_kwargs: dict, prefetch: int, columns: dict[str, tuple]
+            ) -> Iterator[tuple[int, dict]]:
+    """Run one Ray Data task per item, in order: (batch number, a piece of that batch's rows)."""
     import ray.data
 
-    if not items:
-        return
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     context = dataset.context
     context.execution_options.preserve_order = True  # a fixed seed gives identical batches
@@ -178,30 +249,44 @@ def _run(items: list[dict], task, fn_kwargs: dict, sizes: list[int], prefetch: i
     context.op_resource_reservation_enabled = False
     dataset = dataset.map_batches(task, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs,
                                   num_cpus=1, zero_copy_batch=True)
-    pending: list[dict] = []
-    current = 0
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
         numbers = table.column("batch").to_numpy()
         block = {name: _from_column(table.column(name), dtype, shape) for name, (dtype, shape) in columns.items()}
         cuts = np.flatnonzero(np.diff(numbers)) + 1
-        starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(numbers)]])
-        for a, b in zip(starts, ends):
-            number = int(numbers[a])
-            if number != current:
-                yield _finish(pending, current, sizes)
-                pending, current = [], number
-            pending.append({k: v[a:b] for k, v in block.items()})
-    if pending:
-        yield _finish(pending, current, sizes)
+        for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(numbers)]])):
+            yield int(numbers[a]), {k: v[a:b] for k, v in block.items()}
 
 
-def _finish(parts: list[dict], number: int, sizes: list[int]) -> dict:
-    if len(parts) == 1:
+def _run(items: list[dict], task, fn_kwargs: dict, sizes: list[int], prefetch: int,
+         columns: dict[str, tuple]) -> Iterator[dict]:
+    """The planned batches, in order, from the tasks' pieces (a batch may come in several pieces,
+    from one task's blocks or from two tasks); a batch planned empty is handed out empty.
+    `columns`: name -> (dtype, per-row shape) of the arrays handed out."""
+    empty = {name: np.zeros((0, *shape), dtype) for name, (dtype, shape) in columns.items()}
+    pending: list[dict] = []
+    current = 0
+    for number, piece in (_blocks(items, task, fn_kwargs, prefetch, columns) if items else ()):
+        while current < number:
+            yield _finish(pending, current, sizes, empty)
+            pending, current = [], current + 1
+        if number != current:
+            raise RuntimeError(f"batch {number} arrived after batch {current}")
+        pending.append(piece)
+    while current < len(sizes):
+        yield _finish(pending, current, sizes, empty)
+        pending, current = [], current + 1
+
+
+def _finish(parts: list[dict], number: int, sizes: list[int], empty: dict) -> dict:
+    if not parts:
+        batch = empty
+    elif len(parts) == 1:
         batch = parts[0]
-    else:  # a batch split across blocks (rare): join its parts
+    else:  # a batch split across blocks or tasks: join its parts
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if len(batch["labels"]) != sizes[number]:
-        raise RuntimeError(f"batch {number} has {len(batch['labels'])} rows, planned {sizes[number]}")
+    if number >= len(sizes) or len(batch["labels"]) != sizes[number]:
+        planned = sizes[number] if number < len(sizes) else "none"
+        raise RuntimeError(f"batch {number} has {len(batch['labels'])} rows, planned {planned}")
     return batch
 
 
@@ -211,55 +296,93 @@ def _check_image_size(manifest: Manifest, image_size: int) -> None:
 
 
 class TrainLoader:
-    """Shuffled, augmented training batches for one data-parallel replica at a time."""
+    """Shuffled, augmented training batches: step k's global batch, sliced for one replica."""
 
-    def __init__(self, data_dir: str | Path, *, batch_size: int, replicas: int, image_size: int = 224,
+    def __init__(self, data_dir: str | Path, *, global_batch_size: int, replicas: int, image_size: int = 224,
                  seed: int = 0, pca_lighting: bool = True, prefetch_batches: int = 2):
+        if replicas < 1:
+            raise ValueError(f"replicas={replicas} must be at least 1")
+        if global_batch_size < replicas:
+            raise ValueError(f"global_batch_size={global_batch_size} is smaller than replicas={replicas}: "
+                             "every replica needs a row of each full batch")
         self.manifest = load_manifest(data_dir)
         _check_image_size(self.manifest, image_size)
         self.index = ShardIndex.from_manifest(self.manifest, "train")
-        self.batch_size, self.replicas, self.image_size = batch_size, replicas, image_size
+        self.global_batch_size, self.replicas, self.image_size = global_batch_size, replicas, image_size
         self.seed, self.pca_lighting, self.prefetch_batches = seed, pca_lighting, prefetch_batches
         self.num_images = self.index.num_rows
-        self._plan = replica_batch_sizes(self.num_images, batch_size, replicas)
-        self._offsets = replica_offsets(self.num_images, replicas)
+        if self.num_images == 0:
+            raise ValueError(f"{data_dir}: the train split has no images")
+        self.global_rows = global_batch_sizes(self.num_images, global_batch_size)
+        self.steps_per_window = window_steps(group_rows(self.index), global_batch_size)
+        self.footers = Footers(self.index)
+        self.reads: dict[tuple[int, int], ReadCount] = {}  # (epoch, replica) -> what its tasks read
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self._plan[0])
+        return len(self.global_rows)
+
+    @property
+    def split_bytes(self) -> int:
+        """The train shards' size in bytes (from the manifest, or asked of storage once)."""
+        if getattr(self, "_split_bytes", None) is None:
+            self._split_bytes = sum(size if size is not None else storage.file_size(path)
+                                    for path, size in zip(self.index.files, self.index.sizes))
+        return self._split_bytes
+
+    def share(self, replica: int) -> tuple[list[int], list[int]]:
+        """Per step: where replica `replica`'s rows start in the global batch, and how many (0 for a
+        replica past the rows of a short last batch). The same every epoch."""
+        if not 0 <= replica < self.replicas:
+            raise ValueError(f"replica={replica} must be in [0, {self.replicas})")
+        offsets = [replica_offsets(g, self.replicas)[replica: replica + 2] for g in self.global_rows]
+        return [int(a) for a, _ in offsets], [int(b - a) for a, b in offsets]
 
     def batch_sizes(self, replica: int) -> list[int]:
         """Rows in each of replica `replica`'s batches, the same every epoch."""
-        return list(self._plan[replica])
+        return self.share(replica)[1]
 
-    def step_rows(self, replica: int) -> tuple[list[int], list[int]]:
-        """Per step: the row where replica `replica`'s batch starts in the step's global batch, and
-        the global batch's rows. A global batch is the replicas' batches in replica order (the last
-        ones may differ in size)."""
-        steps = range(self.batches_per_epoch)
-        row_offsets = [sum(sizes[step] for sizes in self._plan[:replica]) for step in steps]
-        global_rows = [sum(sizes[step] for sizes in self._plan) for step in steps]
-        return row_offsets, global_rows
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.index, self.seed, epoch, self.global_batch_size)
 
     def replica_rows(self, epoch: int, replica: int) -> np.ndarray:
         """Global row ids replica `replica` trains on in `epoch`, in order."""
-        if not 0 <= replica < self.replicas:
-            raise ValueError(f"replica={replica} must be in [0, {self.replicas})")
-        order = epoch_order(self.index, self.seed, epoch)
-        return order[self._offsets[replica]: self._offsets[replica + 1]]
+        return np.concatenate(self._replica_steps(self.epoch_order(epoch), replica)).astype(np.int64)
+
+    def _replica_steps(self, order: np.ndarray, replica: int) -> list[np.ndarray]:
+        offsets, sizes = self.share(replica)
+        starts = np.concatenate([[0], np.cumsum(self.global_rows)[:-1]])
+        return [order[s + a: s + a + n] for s, a, n in zip(starts.tolist(), offsets, sizes)]
+
+    def _items(self, epoch: int, replica: int) -> list[dict]:
+        """One task per window: the replica's rows of its steps, numbered by step."""
+        steps = self._replica_steps(self.epoch_order(epoch), replica)
+        before = self.footers.read.bytes
+        count, items = ReadCount(), []
+        for first in range(0, len(steps), self.steps_per_window):
+            window = steps[first: first + self.steps_per_window]
+            ids = np.concatenate(window).astype(np.int64)
+            if len(ids) == 0:
+                continue
+            numbers = np.repeat(np.arange(first, first + len(window)), [len(w) for w in window])
+            items.append(_task_item(ids, numbers, self.index, self.footers))
+            count.add(task_reads(ids, self.index, self.footers))
+        count.bytes += self.footers.read.bytes - before
+        self.reads[(epoch, replica)] = count
+        return items
 
     def iter_epoch(self, epoch: int, replica: int) -> Iterator[dict]:
-        """Batches {"images": uint8 (N,H,W,3), "labels": int64 (N,), "lighting": float32 (N,3)}."""
-        rows = self.replica_rows(epoch, replica)
-        sizes = self._plan[replica]
-        items = _task_items(rows, sizes, self.image_size**2 * 3)
+        """Batches {"images": uint8 (N,H,W,3), "labels": int64 (N,), "lighting": float32 (N,3)},
+        one per step (N = 0 for a replica past the rows of a short last batch). Once the first is
+        out, `reads[(epoch, replica)]` holds what the epoch's tasks read (footers included)."""
+        items = self._items(epoch, replica)
         kwargs = {"index": self.index, "seed": self.seed, "epoch": epoch, "image_size": self.image_size,
                   "eigval": self.manifest.eigval(), "eigvec": self.manifest.eigvec(),
                   "pca_lighting": self.pca_lighting}
         size = self.image_size
         columns = {"images": (np.uint8, (size, size, 3)), "labels": (np.int64, ()),
                    "lighting": (np.float32, (3,))}
-        yield from _run(items, _train_task, kwargs, sizes, self.prefetch_batches, columns)
+        yield from _run(items, _train_task, kwargs, self.batch_sizes(replica), self.prefetch_batches, columns)
 
 
 class EvalLoader:
@@ -276,6 +399,7 @@ class EvalLoader:
         self.split, self.ten_crop, self.prefetch_batches = split, ten_crop, prefetch_batches
         self.num_images = self.index.num_rows
         self._offsets = replica_offsets(self.num_images, replicas)
+        self.footers = Footers(self.index)
 
     def replica_rows(self, replica: int) -> np.ndarray:
         if not 0 <= replica < self.replicas:
@@ -291,7 +415,7 @@ class EvalLoader:
         full, rest = divmod(len(rows), self.batch_size)
         sizes = [self.batch_size] * full + ([rest] if rest else [])
         row_bytes = self.image_size**2 * 3 * (10 if self.ten_crop else 1)
-        items = _task_items(rows, sizes, row_bytes)
+        items = _task_items(rows, sizes, row_bytes, self.index, self.footers)
         kwargs = {"index": self.index, "image_size": self.image_size, "ten_crop": self.ten_crop}
         size = self.image_size
         shape = (10, size, size, 3) if self.ten_crop else (size, size, 3)

@@ -33,11 +33,16 @@ from alexnet_ray import ray_cluster, storage
 from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, encode_jpeg
 from alexnet_ray.data.layouts import find_images
 from alexnet_ray.data.manifest import MANIFEST_NAME, Manifest
+from alexnet_ray.data.shards import footer_range, read_footer
 
 SHARD_SCHEMA = pa.schema(
     [("jpeg", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()), ("path", pa.string())]
 )
-ROW_GROUP_ROWS = 128  # the unit the training loader shuffles and reads
+# The unit the training loader shuffles and reads: a global batch takes rows from 16 row groups
+# (alexnet_ray.data.pipeline.WINDOW_GROUPS), and a replica reads whole row groups, so smaller groups
+# mean smaller shuffle windows and tasks; 64 rows at 256 px are about 1.6 MB, one ranged read that
+# object storage serves at full speed (docs/data-loading.md). Datasets prepared with 128 still load.
+ROW_GROUP_ROWS = 64
 TRAIN_ORDER_SEED = 0  # train rows are stored in a seeded random order, so row groups mix classes
 # Planning happens before any image is converted, so a shard's image count comes from an estimate
 # of the stored JPEG's size: PIL's headers and tables (about 600 bytes), then quality 90 photos
@@ -58,22 +63,27 @@ class ShardPlan:
     file: str
     images: tuple[tuple[str, int, str], ...]  # (source path or URI, label, class name), in row order
     key: str  # a digest of everything that decides the shard's bytes
+    row_group_rows: int = ROW_GROUP_ROWS
 
 
 def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_bytes: int,
-                max_pixels: int) -> list[ShardPlan]:
+                max_pixels: int, row_group_rows: int = ROW_GROUP_ROWS) -> list[ShardPlan]:
     """Cut each split's images, in order, into shards of the same image count (a function of the
-    listing and the arguments only, never of the cluster)."""
+    listing and the arguments only, never of the cluster), whole row groups where they can be."""
     by_bytes = max(1, int(shard_bytes / (JPEG_HEADER_BYTES + size * size * JPEG_BYTES_PER_PIXEL)))
-    if by_bytes >= ROW_GROUP_ROWS:
-        by_bytes -= by_bytes % ROW_GROUP_ROWS  # whole row groups when nothing is skipped
+    if by_bytes >= row_group_rows:
+        by_bytes -= by_bytes % row_group_rows  # whole row groups when nothing is skipped
     plans = []
     for split, images in found.items():
-        per_shard = min(by_bytes, max(ROW_GROUP_ROWS, -(-len(images) // MIN_SHARDS)))
+        small_set = -(-max(row_group_rows, -(-len(images) // MIN_SHARDS)) // row_group_rows) * row_group_rows
+        per_shard = min(by_bytes, small_set)
         for n, start in enumerate(range(0, len(images), per_shard)):
             chunk = tuple(images[start: start + per_shard])
-            recipe = json.dumps([SHARD_FORMAT, size, max_pixels, JPEG_QUALITY, chunk]).encode()
-            plans.append(ShardPlan(split, f"{split}-{n:05d}.parquet", chunk, hashlib.sha256(recipe).hexdigest()))
+            recipe = [SHARD_FORMAT, size, max_pixels, JPEG_QUALITY, chunk]
+            if row_group_rows != 128:  # the row-group size before it was a choice: old shards keep their key
+                recipe.append(row_group_rows)
+            key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
+            plans.append(ShardPlan(split, f"{split}-{n:05d}.parquet", chunk, key, row_group_rows))
     return plans
 
 
@@ -94,7 +104,9 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
     target = storage.join(out, plan.file)
     done = _read_footer(target) if storage.exists(target) else None
     if done is not None and done.get("key") == plan.key:
-        return {**done, "reused": True}
+        size = storage.file_size(target)
+        footer = read_footer(target, size)
+        return {**done, "bytes": size, "footer": [size - len(footer), len(footer)], "reused": True}
     rows: list[tuple] = []
     skipped: list[dict] = []
     sums, outers = np.zeros(3, np.int64), np.zeros(9, np.int64)
@@ -113,12 +125,14 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
             sums += image_sums
             outers += image_outer.ravel()
         rows.append((jpeg, label, class_name, path))
-    groups = [len(rows[i: i + ROW_GROUP_ROWS]) for i in range(0, len(rows), ROW_GROUP_ROWS)]
+    step = plan.row_group_rows
+    groups = [len(rows[i: i + step]) for i in range(0, len(rows), step)]
     result = {"key": plan.key, "file": plan.file, "split": plan.split, "rows": len(rows), "row_groups": groups,
               "skipped": skipped, "sum": sums.tolist(), "outer": outers.tolist(),
               "pixels": len(rows) * size * size if plan.split == "train" else 0}
-    storage.write_bytes_atomic(target, _parquet_bytes(rows, result))
-    return {**result, "reused": False}
+    data = _parquet_bytes(rows, result, step)
+    storage.write_bytes_atomic(target, data)
+    return {**result, "bytes": len(data), "footer": list(footer_range(data)), "reused": False}
 
 
 _LEVELS = np.arange(256, dtype=np.int64)
@@ -138,14 +152,16 @@ def pixel_moments(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     return histogram @ _LEVELS, outer
 
 
-def _parquet_bytes(rows: list[tuple], result: dict) -> bytes:
+def _parquet_bytes(rows: list[tuple], result: dict, row_group_rows: int) -> bytes:
     schema = SHARD_SCHEMA.with_metadata({FOOTER_KEY: json.dumps(result, sort_keys=True)})
     buffer = io.BytesIO()
     # JPEG bytes neither compress nor repeat: no codec, and no dictionary for them (a dictionary
-    # page of the first few images, then plain, costs the reader a copy).
-    with pq.ParquetWriter(buffer, schema, compression="none", use_dictionary=["label", "class_name"]) as writer:
-        for start in range(0, len(rows), ROW_GROUP_ROWS):
-            columns = list(zip(*rows[start: start + ROW_GROUP_ROWS]))
+    # page of the first few images, then plain, costs the reader a copy). Statistics only for the
+    # label: min/max JPEGs and paths would only fatten the footer every loader reads.
+    with pq.ParquetWriter(buffer, schema, compression="none", use_dictionary=["label", "class_name"],
+                          write_statistics=["label"]) as writer:
+        for start in range(0, len(rows), row_group_rows):
+            columns = list(zip(*rows[start: start + row_group_rows]))
             table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SHARD_SCHEMA)], schema=schema)
             writer.write_table(table, row_group_size=len(columns[0]))
     return buffer.getvalue()
@@ -245,6 +261,7 @@ def prepare_dataset(
     size: int = 256,
     on_bad_image: str = "skip",
     shard_mb: float = 64,
+    row_group_rows: int = ROW_GROUP_ROWS,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     use_ray: bool = True,
@@ -262,6 +279,8 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
         raise ValueError(f"size={size}: must be at least 8 pixels")
     if shard_mb <= 0:
         raise ValueError(f"shard_mb={shard_mb}: must be positive")
+    if row_group_rows < 1:
+        raise ValueError(f"row_group_rows={row_group_rows}: must be at least 1")
     src, out = storage.absolute(src), storage.absolute(out)
     storage.resolve(out)  # a URI without a bucket fails here, before any work
     if not storage.is_dir(src):
@@ -276,7 +295,7 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
             if image.label < 0:
                 _bad(skipped, split, image.path, f"no label in {val_labels}", on_bad_image)
         labelled[split] = [(i.path, i.label, i.class_name) for i in images if i.label >= 0]
-    plans = plan_shards(labelled, size, int(shard_mb * (1 << 20)), max_pixels)
+    plans = plan_shards(labelled, size, int(shard_mb * (1 << 20)), max_pixels, row_group_rows)
     created = not storage.exists(out)
     _prepare_out(out, overwrite)
     planned = {plan.file for plan in plans}
@@ -316,7 +335,8 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
             pixel_count += r["pixels"]
         stored = sum(r["rows"] for r in shard_results)
         splits[split] = {"images": stored, "found": len(images),
-                         "shards": [{"file": r["file"], "rows": r["rows"], "row_groups": r["row_groups"]}
+                         "shards": [{"file": r["file"], "rows": r["rows"], "row_groups": r["row_groups"],
+                                     "bytes": r["bytes"], "footer": r["footer"]}
                                     for r in shard_results]}
         if stored + sum(s["split"] == split for s in skipped) != len(images):
             raise RuntimeError(f"{split}: counts do not reconcile")  # a bug, not bad input

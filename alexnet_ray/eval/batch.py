@@ -41,7 +41,7 @@ def row_ranges(index: ShardIndex, max_rows: int) -> list[tuple[int, int]]:
 
 def _read_crops(batch: dict, *, index: ShardIndex, image_size: int, ten_crop: bool) -> dict:
     ids = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(batch["start"], batch["end"])])
-    jpegs, labels = index.read(ids)
+    jpegs, labels, _ = index.read(ids)
     return {"images": augment_eval(jpegs, image_size=image_size, ten_crop=ten_crop), "labels": labels, "row": ids}
 
 

@@ -69,15 +69,23 @@ class MicroBatch:
     logits: Tensor | None = None
 
 
-def split_microbatches(images: Tensor, labels: Tensor, microbatches: int, row_offset: int) -> list[MicroBatch]:
-    """Near-equal micro-batches (sizes differ by at most one row); one per row when the batch has
-    fewer rows than `microbatches`."""
+def microbatch_count(rows: int, microbatches: int, max_rows: int | None = None) -> int:
+    """How many micro-batches `rows` rows make: `microbatches`, more when one would exceed
+    `max_rows`, and never more than the rows."""
+    parts = microbatches if max_rows is None else max(microbatches, -(-rows // max_rows))
+    return max(1, min(parts, rows))
+
+
+def split_microbatches(images: Tensor, labels: Tensor, microbatches: int, row_offset: int,
+                       max_rows: int | None = None) -> list[MicroBatch]:
+    """Near-equal micro-batches (sizes differ by at most one row) of at most `max_rows` rows each;
+    one per row when the batch has fewer rows than `microbatches`."""
     n = images.shape[0]
     if labels.shape[0] != n:
         raise ValueError(f"images ({n}) and labels ({labels.shape[0]}) differ in batch size")
     if n == 0:
         raise ValueError("an empty batch has nothing to train on")
-    parts = min(microbatches, n)
+    parts = microbatch_count(n, microbatches, max_rows)
     result, offset = [], row_offset
     for index, (x, y) in enumerate(zip(images.tensor_split(parts), labels.tensor_split(parts))):
         result.append(MicroBatch(index, x, y, offset))
@@ -87,9 +95,13 @@ def split_microbatches(images: Tensor, labels: Tensor, microbatches: int, row_of
 
 class TowerParallel(nn.Module):
     def __init__(self, tower: Tower, groups: ParallelGroups, microbatches: int = 1,
-                 exchange_timeout: float | None = None, overlap_grad_sync: bool = True):
+                 exchange_timeout: float | None = None, overlap_grad_sync: bool = True,
+                 microbatch_rows: int | None = None):
         super().__init__()
         check_microbatches(microbatches)
+        if microbatch_rows is not None and microbatch_rows < 1:
+            raise ValueError(f"microbatch_rows={microbatch_rows} must be at least 1")
+        self.microbatch_rows = microbatch_rows  # a larger share is split into more micro-batches
         if tower.towers != groups.topology.towers or tower.tower != groups.tower:
             raise ValueError(f"Tower({tower.tower}, {tower.towers}) does not match this rank's place "
                              f"(tower {groups.tower} of {groups.topology.towers})")
@@ -180,7 +192,9 @@ class TowerParallel(nn.Module):
         row_offset = self.groups.replica * n if row_offset is None else row_offset
         global_rows = n * replicas if global_rows is None else global_rows
         loss_scale = 1.0 if loss_scale is None else loss_scale
-        mbs = split_microbatches(images, labels, self.microbatches, row_offset)
+        if n == 0:  # past the rows of a short last batch: add nothing, still join the all-reduces
+            return self._empty_share(images, labels)
+        mbs = split_microbatches(images, labels, self.microbatches, row_offset, self.microbatch_rows)
         self._dropout_step = dropout_step
         try:
             for action in fill_drain_schedule(NUM_STAGES, len(mbs)):
@@ -199,6 +213,19 @@ class TowerParallel(nn.Module):
         self.step += 1
         loss = torch.stack([mb.loss_sum for mb in mbs]).sum() / n
         return loss, torch.cat([mb.logits for mb in mbs])
+
+    def _empty_share(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        for param in self.tower.parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        for stage in reversed(range(NUM_STAGES)):
+            if self.overlap_grad_sync:
+                self._launch_grad_sync(stage, divisor=1)
+        if not self.overlap_grad_sync:
+            self._sync_divisor = 1
+        self.step += 1
+        classes = self.tower.fc8.out_features * self.groups.topology.towers
+        return images.new_zeros(()), images.new_zeros((0, classes))
 
     # ---- data-parallel gradient sync ----
     def _launch_grad_sync(self, stage: int, divisor: int) -> None:

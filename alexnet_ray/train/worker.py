@@ -71,7 +71,8 @@ def setup_worker(loop_config: dict) -> WorkerState:
     if config.run.compile:
         compile_stages(tower)
     model = TowerParallel(tower, groups, microbatches=config.parallel.microbatches,
-                          exchange_timeout=config.parallel.exchange_timeout_s)
+                          exchange_timeout=config.parallel.exchange_timeout_s,
+                          microbatch_rows=config.microbatch_rows)
     opt = config.optimizer
     optimizer = torch.optim.SGD(
         tower.parameters(), lr=loop_config["base_lr"], momentum=opt.momentum, weight_decay=opt.weight_decay
@@ -98,9 +99,9 @@ class EpochTools:
     """What every training step uses besides the model: the loader and its plan, the manifest's
     normalisation, progress."""
     loader: TrainLoader
-    sizes: list[int]  # this replica's rows per step
+    sizes: list[int]  # this replica's rows per step (0 past the rows of a short last batch)
     row_offsets: list[int]  # where they start in each step's global batch
-    global_rows: list[int]
+    global_rows: list[int]  # each step's global batch: the same on every layout
     mean: list[float]
     std: list[float]
     progress: Progress
@@ -111,14 +112,14 @@ def epoch_tools(w: WorkerState, manifest) -> EpochTools:
     config, groups = w.config, w.groups
     rank = ray.train.get_context().get_world_rank()
     loader = TrainLoader(
-        config.data.path, batch_size=config.data.batch_size, replicas=config.parallel.replicas,
+        config.data.path, global_batch_size=config.data.global_batch_size, replicas=config.parallel.replicas,
         image_size=config.model.image_size, seed=config.run.seed, pca_lighting=config.data.pca_lighting,
         prefetch_batches=config.data.prefetch_batches,
     )
     progress = Progress(config.run.epochs, loader.batches_per_epoch, config.run.progress_interval_s, rank == 0)
-    row_offsets, global_rows = loader.step_rows(groups.replica)
-    return EpochTools(loader, loader.batch_sizes(groups.replica), row_offsets, global_rows, manifest.mean,
-                      manifest.std, progress, rank)
+    row_offsets, sizes = loader.share(groups.replica)
+    return EpochTools(loader, sizes, row_offsets, list(loader.global_rows), manifest.mean, manifest.std,
+                      progress, rank)
 
 
 def resident_memory_mb() -> float | None:
@@ -153,12 +154,13 @@ def train_worker(loop_config: dict) -> None:
             early = EarlyStart(tools.loader.iter_epoch(epoch + 1, groups.replica))
         fault_injection.point("metrics", epoch)
         train = replicas_error_rates(w, meter, f"epoch {epoch + 1} training metrics")
+        reads = replicas_reads(w, tools, epoch)
 
         ten_crop = epoch == config.run.epochs - 1 and config.data.ten_crop_final_eval
         val = validate(w, tools, ten_crop=ten_crop, epoch=epoch)
         w.schedule.observe(val["top1_error"])
 
-        metrics = epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups)
+        metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads}
         if tools.rank == 0:
             print_epoch_summary(metrics, config.run.epochs, tools.progress.run_clock(epoch, 1.0))
         report_epoch(w, epoch, metrics, manifest, tools.rank)
@@ -177,6 +179,7 @@ def train_one_epoch(w: WorkerState, tools: EpochTools, epoch: int, early: EarlyS
         source = iter(early) if early is not None else tools.loader.iter_epoch(epoch, groups.replica)
     batches = training_batches(source, tools.sizes, config.model.image_size, groups, w.device,
                                timeout=config.parallel.exchange_timeout_s, label=f"epoch {epoch + 1} training batch")
+    images_done = 0  # the global batches' rows so far
     for step in itertools.count():
         fault_injection.point("step", epoch, step)
         t0 = time.perf_counter()
@@ -186,9 +189,10 @@ def train_one_epoch(w: WorkerState, tools: EpochTools, epoch: int, early: EarlyS
         if item is None:
             break
         train_step(w, tools, epoch, step, item, meter)
+        images_done += tools.global_rows[step]
         fault_injection.step_done(epoch, step)
         tools.progress.update(epoch, step + 1, meter.loss_sum / max(1, meter.images),
-                              meter.images * config.parallel.replicas, time.perf_counter() - meter.started)
+                              images_done, time.perf_counter() - meter.started)
     stats = w.model.stats
     meter.exchange_s, meter.grad_sync_s = stats["exchange_s"], stats["grad_sync_s"]
     return meter, time.perf_counter() - meter.started
@@ -224,11 +228,24 @@ def replicas_error_rates(w: WorkerState, meter: EpochMeter, label: str) -> dict:
     return error_rates(totals.cpu())
 
 
+def replicas_reads(w: WorkerState, tools: EpochTools, epoch: int) -> dict:
+    """What the epoch's training loaders read, summed over replicas (tower 0 of each reads)."""
+    count = tools.loader.reads.pop((epoch, w.groups.replica), None) if w.groups.tower == 0 else None
+    local = torch.tensor([count.bytes, count.row_groups] if count else [0, 0], dtype=torch.float64)
+    totals = all_reduce_sum(local.to(w.device), w.groups.dp_group, f"epoch {epoch + 1} read counts",
+                            w.config.parallel.exchange_timeout_s).cpu()
+    read_bytes, row_groups = int(totals[0]), int(totals[1])
+    split = tools.loader.split_bytes
+    return {"read_bytes": read_bytes, "read_row_groups": row_groups,
+            "train_row_groups": tools.loader.index.num_units,
+            "read_amplification": read_bytes / split if split else None}
+
+
 def validate(w: WorkerState, tools: EpochTools, *, ten_crop: bool, epoch: int = 0) -> dict:
     """Top-1/top-5 error on the validation split; every image counted exactly once across replicas."""
     config, groups, device = w.config, w.groups, w.device
     w.model.eval()
-    loader = EvalLoader(config.data.path, batch_size=config.data.eval_batch_size or config.data.batch_size,
+    loader = EvalLoader(config.data.path, batch_size=config.data.eval_batch_size or config.replica_share,
                         replicas=config.parallel.replicas, image_size=config.model.image_size, ten_crop=ten_crop,
                         prefetch_batches=config.data.prefetch_batches)
     meter = EpochMeter()

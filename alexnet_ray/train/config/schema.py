@@ -30,8 +30,8 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 @dataclass
 class DataConfig:
     path: str | None = None  # a prepared dataset (jobs/prepare.py); None = embedded demo dataset
-    batch_size: int = 128  # per replica
-    eval_batch_size: int | None = None  # None = batch_size
+    global_batch_size: int = 128  # images per step over all replicas: the run's unit (the paper's 128)
+    eval_batch_size: int | None = None  # evaluation batch per replica; None = the training share
     pca_lighting: bool = True
     ten_crop_final_eval: bool = True
     prefetch_batches: int = 2
@@ -39,11 +39,11 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 0.01  # for base_replicas replicas
+    lr: float = 0.01  # for a global batch of base_batch_size
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_scaling: str = "none"  # none | linear | sqrt, from base_replicas to parallel.replicas
-    base_replicas: int = 1
+    lr_scaling: str = "none"  # none | linear | sqrt, from base_batch_size to data.global_batch_size
+    base_batch_size: int = 128
 
 
 @dataclass
@@ -65,6 +65,9 @@ class ParallelConfig:
     towers: int = 2  # 1 | 2 workers per replica, one tower each
     replicas: int = 1
     microbatches: int = 1
+    # At most this many rows in one micro-batch: a replica's larger share (fewer replicas, the same
+    # global batch) is split into more micro-batches. None = ceil(global batch / (replicas x microbatches)).
+    microbatch_rows: int | None = None
     use_gpu: str = "auto"  # auto | true | false
     exchange_timeout_s: float = 300.0
     cpus_per_worker: float = 1.0
@@ -134,20 +137,34 @@ class Config:
 
     @property
     def global_batch_size(self) -> int:
-        return self.data.batch_size * self.parallel.replicas
+        return self.data.global_batch_size
+
+    @property
+    def replica_share(self) -> int:
+        """The most rows one replica trains on in a step."""
+        return -(-self.data.global_batch_size // self.parallel.replicas)
+
+    @property
+    def microbatch_rows(self) -> int:
+        """The most rows in one micro-batch (parallel.microbatch_rows, or derived from the layout)."""
+        p = self.parallel
+        if p.microbatch_rows is not None:
+            return p.microbatch_rows
+        return -(-self.data.global_batch_size // (p.replicas * p.microbatches))
 
     def effective_lr(self) -> float:
-        """optimizer.lr scaled from optimizer.base_replicas to parallel.replicas."""
-        return scaled_lr(self.optimizer.lr, self.optimizer.lr_scaling, self.parallel.replicas,
-                         self.optimizer.base_replicas)
+        """optimizer.lr scaled from optimizer.base_batch_size to data.global_batch_size (the replica
+        count does not enter: it changes nothing in the run's math)."""
+        return scaled_lr(self.optimizer.lr, self.optimizer.lr_scaling, self.data.global_batch_size,
+                         self.optimizer.base_batch_size)
 
 
-def scaled_lr(lr: float, scaling: str, replicas: int, base_replicas: int = 1) -> float:
-    """Learning rate for `replicas` replicas when `lr` was tuned for `base_replicas`.
+def scaled_lr(lr: float, scaling: str, batch: int, base_batch: int = 128) -> float:
+    """Learning rate for a global batch of `batch` when `lr` was tuned for `base_batch`.
 
-    linear: lr * k, sqrt: lr * sqrt(k) ("One weird trick", Krizhevsky 2014), k = replicas / base.
+    linear: lr * k, sqrt: lr * sqrt(k) ("One weird trick", Krizhevsky 2014), k = batch / base.
     """
-    ratio = replicas / base_replicas
+    ratio = batch / base_batch
     if scaling == "none":
         return lr
     if scaling == "linear":
@@ -169,7 +186,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Small enough for a laptop CPU in a few minutes on the embedded demo dataset.
     "demo": {
         "model": {"num_classes": DEMO_NUM_CLASSES, "width": 0.25, "image_size": 64, "init": "kaiming"},
-        "data": {"batch_size": 32, "ten_crop_final_eval": True},
+        "data": {"global_batch_size": 32, "ten_crop_final_eval": True},
         "optimizer": {"lr": 0.01},
         "schedule": {"kind": "cosine", "warmup_epochs": 1},
         "parallel": {"use_gpu": "auto", "cpus_per_worker": 0.5},  # leaves CPU slots for Ray Data
@@ -183,7 +200,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "image_size": 64,
             "init": "kaiming",  # dropout stays the paper's 0.5: every layout draws the same masks
         },
-        "data": {"batch_size": 16, "ten_crop_final_eval": False, "prefetch_batches": 1},
+        "data": {"global_batch_size": 16, "ten_crop_final_eval": False, "prefetch_batches": 1},
         # 0.01 learns faster but is chaotic here (without dropout, fp32 rounding differences
         # between layouts grew from 1e-6 to 1e-2 within two epochs); tests compare layouts to 1e-5.
         "optimizer": {"lr": 0.005},
@@ -202,6 +219,16 @@ def preset_config(name: str) -> Config:
 
 
 # --------------------------------------------------------------------------- types
+
+# Fields that meant something else before the global batch defined the run: refused, with what to write.
+RETIRED = {
+    "data.batch_size": "(images per replica) is gone: a run is defined by its global batch, the images of "
+                       "one step over all replicas, and each replica's share follows. Write "
+                       "data.global_batch_size=<the old data.batch_size x parallel.replicas> (the paper's is 128)",
+    "optimizer.base_replicas": "is gone: the learning rate scales with the global batch, not the replica count. "
+                               "Write optimizer.base_batch_size=<the global batch optimizer.lr was tuned for> "
+                               "(the old base_replicas x the old per-replica data.batch_size)",
+}
 
 def merge(config: Config, values: Mapping[str, Any], source: str) -> None:
     """Set `values` ({section: {key: value}}) on `config`, each checked against its field's type."""
@@ -224,6 +251,8 @@ def field_type(section: str, key: str | None, source: str) -> Any:
     if key is None:
         return None
     hints = typing.get_type_hints(SECTIONS[section])
+    if f"{section}.{key}" in RETIRED:
+        raise ConfigError(f"{source}: {section}.{key} {RETIRED[f'{section}.{key}']}")
     if key not in hints:
         raise ConfigError(f"{source}: unknown key {section}.{key}{suggest(key, hints, prefix=section + '.')}")
     return hints[key]

@@ -67,16 +67,24 @@ def _apply_layer_rules(config: Config) -> None:
 
 def _check_numbers(config: Config) -> None:
     d, o, s, p, r = config.data, config.optimizer, config.schedule, config.parallel, config.run
-    _require(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1 (images per replica)")
+    _require(d.global_batch_size >= 1,
+             f"data.global_batch_size={d.global_batch_size}: must be >= 1 (images per step over all replicas)")
+    _require(
+        d.global_batch_size >= p.replicas,
+        f"data.global_batch_size={d.global_batch_size} is smaller than parallel.replicas={p.replicas}: "
+        "every replica needs at least one row of each step",
+    )
     _require(
         d.eval_batch_size is None or d.eval_batch_size >= 1,
-        f"data.eval_batch_size={d.eval_batch_size}: must be >= 1 (or null for data.batch_size)",
+        f"data.eval_batch_size={d.eval_batch_size}: must be >= 1 (or null for the training share)",
     )
+    _require(p.microbatch_rows is None or p.microbatch_rows >= 1,
+             f"parallel.microbatch_rows={p.microbatch_rows}: must be >= 1 (or null to derive it)")
     _require(d.prefetch_batches >= 0, f"data.prefetch_batches={d.prefetch_batches}: must be >= 0")
     _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr={o.lr}: must be a positive number")
     _require(0.0 <= o.momentum < 1.0, f"optimizer.momentum={o.momentum}: must be in [0, 1)")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
-    _require(o.base_replicas >= 1, f"optimizer.base_replicas={o.base_replicas}: must be >= 1")
+    _require(o.base_batch_size >= 1, f"optimizer.base_batch_size={o.base_batch_size}: must be >= 1")
     _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs={s.warmup_epochs}: must be >= 0")
     _require(
         s.warmup_epochs < r.epochs or s.warmup_epochs == 0,
