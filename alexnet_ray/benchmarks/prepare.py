@@ -142,7 +142,7 @@ def _run(work: Path, count: int, cores: int) -> int:
         out = work / "out" / f"round{next(rounds)}"
         stats: dict = {}
         with CpuTime(ray_processes) as cpu:
-            prepare_dataset(work / "raw", out, size=256, progress=False, stats=stats)
+            prepare_dataset(work / "raw", out, size=256, val_split="none", progress=False, stats=stats)
         shutil.rmtree(out, ignore_errors=True)
         return count / cpu.wall / cores, count / cpu.seconds, stats["driver_bytes_received"], stats["shards"]
 

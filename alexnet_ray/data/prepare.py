@@ -1,9 +1,15 @@
-"""The prepare job: a source tree -> Parquet shards of size x size JPEGs plus manifest.json.
+"""The prepare job: a source (formats.py: a folder tree, the ILSVRC2012 tarballs, Hugging Face Parquet,
+WebDataset shards) -> Parquet shards of size x size JPEGs plus manifest.json.
 
 SRC and OUT are local paths (NFS on a cluster) or URIs (s3://, gs://). The driver lists SRC once
-and plans the shards: which images, in which order, under which name, a pure function of the
-listing (train images in a seeded random order, so row groups mix classes). One Ray task per
-shard reads its images from SRC, converts them and writes the shard straight to OUT, whole or not
+(archives are indexed by tasks: each tar's members, each Parquet file's labels) and plans the
+shards: which images, in which order, under which name, a pure function of the listing. Images
+read one by one (files, tar members) are sorted by (label, name) and train is put in a seeded
+random order, so row groups mix classes and the same images give the same shards whichever format
+held them. Parquet rows are read a row group at a time, so there train's row groups are put in a
+seeded random order and the rows shuffled within each shard. One Ray task per
+shard reads its images from SRC (whole files, byte ranges of tars, row groups), converts them and
+writes the shard straight to OUT, whole or not
 at all (storage.write_bytes_atomic); it returns only counts and the pixel statistics' sufficient
 statistics (exact integer sums of pixels and of their outer products), which the driver adds up.
 The manifest is written last: a dataset without one is visibly incomplete.
@@ -31,8 +37,9 @@ from PIL import Image, ImageChops
 
 from alexnet_ray import storage
 from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, encode_jpeg
-from alexnet_ray.data.layouts import find_images
+from alexnet_ray.data.formats import list_source
 from alexnet_ray.data.manifest import MANIFEST_NAME, Manifest
+from alexnet_ray.data.sources import SourceImage, read_images
 
 SHARD_SCHEMA = pa.schema(
     [("jpeg", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()), ("path", pa.string())]
@@ -46,7 +53,7 @@ JPEG_HEADER_BYTES, JPEG_BYTES_PER_PIXEL = 600, 0.35
 # Shards are also the unit of parallel work: a split of fewer images than MIN_SHARDS shards of
 # shard_mb is cut finer (down to one row group a shard), so a small set still uses every core.
 MIN_SHARDS = 64
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: rows keyed and named by class/file, whichever format held them
 FOOTER_KEY = b"alexnet_ray.shard"
 SHARD_NAME = re.compile(r"[a-z]+-\d{5}\.parquet")
 PROGRESS_INTERVAL_S = 10.0
@@ -56,14 +63,16 @@ PROGRESS_INTERVAL_S = 10.0
 class ShardPlan:
     split: str
     file: str
-    images: tuple[tuple[str, int, str], ...]  # (source path or URI, label, class name), in row order
-    key: str  # a digest of everything that decides the shard's bytes
+    # (how to read it: SourceImage.ref, label, class name, name, location), in row order
+    images: tuple[tuple, ...]
+    key: str  # a digest of everything that decides the shard's bytes (not where the images are read from)
 
 
-def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_bytes: int,
-                max_pixels: int) -> list[ShardPlan]:
+def plan_shards(found: dict[str, list[tuple]], size: int, shard_bytes: int, max_pixels: int,
+                shuffle_within: frozenset = frozenset()) -> list[ShardPlan]:
     """Cut each split's images, in order, into shards of the same image count (a function of the
-    listing and the arguments only, never of the cluster)."""
+    listing and the arguments only, never of the cluster); the rows of `shuffle_within` splits'
+    shards in a seeded random order."""
     by_bytes = max(1, int(shard_bytes / (JPEG_HEADER_BYTES + size * size * JPEG_BYTES_PER_PIXEL)))
     if by_bytes >= ROW_GROUP_ROWS:
         by_bytes -= by_bytes % ROW_GROUP_ROWS  # whole row groups when nothing is skipped
@@ -72,7 +81,11 @@ def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_b
         per_shard = min(by_bytes, max(ROW_GROUP_ROWS, -(-len(images) // MIN_SHARDS)))
         for n, start in enumerate(range(0, len(images), per_shard)):
             chunk = tuple(images[start: start + per_shard])
-            recipe = json.dumps([SHARD_FORMAT, size, max_pixels, JPEG_QUALITY, chunk]).encode()
+            if split in shuffle_within:
+                order = np.random.default_rng([TRAIN_ORDER_SEED, n]).permutation(len(chunk))
+                chunk = tuple(chunk[i] for i in order)
+            recipe = json.dumps([SHARD_FORMAT, size, max_pixels, JPEG_QUALITY,
+                                 [image[1:4] for image in chunk]]).encode()
             plans.append(ShardPlan(split, f"{split}-{n:05d}.parquet", chunk, hashlib.sha256(recipe).hexdigest()))
     return plans
 
@@ -98,9 +111,11 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
     rows: list[tuple] = []
     skipped: list[dict] = []
     sums, outers = np.zeros(3, np.int64), np.zeros(9, np.int64)
-    for path, label, class_name in plan.images:
+    for (_, label, class_name, name, path), data in read_images(list(plan.images)):
         try:
-            jpeg = encode_jpeg(convert_image(storage.read_bytes(path), size, max_pixels))
+            if isinstance(data, Exception):
+                raise data
+            jpeg = encode_jpeg(convert_image(data, size, max_pixels))
         except (BadImageError, OSError) as error:
             reason = str(error) or type(error).__name__
             if fail_on_bad:
@@ -112,7 +127,7 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
                 image_sums, image_outer = pixel_moments(stored)
             sums += image_sums
             outers += image_outer.ravel()
-        rows.append((jpeg, label, class_name, path))
+        rows.append((jpeg, label, class_name, name))
     groups = [len(rows[i: i + ROW_GROUP_ROWS]) for i in range(0, len(rows), ROW_GROUP_ROWS)]
     result = {"key": plan.key, "file": plan.file, "split": plan.split, "rows": len(rows), "row_groups": groups,
               "skipped": skipped, "sum": sums.tolist(), "outer": outers.tolist(),
@@ -236,12 +251,39 @@ def _run_shards(plans: list[ShardPlan], out: str, size: int, max_pixels: int, fa
             ray.wait(list(pending), num_returns=len(pending), timeout=60)
 
 
+def order_images(split: str, images: list[SourceImage]) -> list[SourceImage]:
+    """A split's images in stored order, a function of what was listed (see the module docstring)."""
+    units: dict[str, list[SourceImage]] = {}
+    for image in images:
+        units.setdefault(image.unit, []).append(image)
+    if "" not in units:  # read by row group (Parquet): keep each group's rows together
+        groups = list(units.values())
+        if split == "train":
+            groups = [groups[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(groups))]
+        return [image for group in groups for image in group]
+    ordered = sorted(images, key=lambda i: (i.label, i.name, i.location))
+    if split == "train":
+        ordered = [ordered[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(ordered))]
+    return ordered
+
+
+def _start_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
 def prepare_dataset(
     src: str | Path,
     out: str | Path,
     *,
+    source_format: str = "auto",
     layout: str = "auto",
     val_labels: str | Path | None = None,
+    devkit: str | Path | None = None,
+    class_names: str | Path | None = None,
+    val_split: str | None = None,
     size: int = 256,
     on_bad_image: str = "skip",
     shard_mb: float = 64,
@@ -251,9 +293,11 @@ def prepare_dataset(
     progress: bool = True,
     stats: dict | None = None,
 ) -> Manifest:
-    """Convert `src` (ImageNet or folder-per-class layout; a local path or a URI) into shards and a
-    manifest in `out` (a local path or a URI). `use_ray=False` converts in this process. `stats`,
-    when given, receives {"seconds", "images", "shards", "reused_shards", "driver_bytes_received"}."""
+    """Convert `src` (a local path or a URI holding any format of formats.FORMATS, found by its
+    contents unless `source_format` names one) into shards and a manifest in `out` (a local path
+    or a URI). `val_split` names the split prepared as val (None: the one there is; "none": train
+    alone). `use_ray=False` converts in this process. `stats`, when given, receives {"seconds",
+    "images", "shards", "reused_shards", "driver_bytes_received", "listing_seconds"}."""
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image={on_bad_image!r}: choose 'skip' or 'fail'")
     if size < 8:
@@ -264,17 +308,24 @@ def prepare_dataset(
     storage.resolve(out)  # a URI without a bucket fails here, before any work
     if not storage.is_dir(src):
         raise ValueError(f"{src} is not a folder")
-    classes, found = find_images(src, layout, val_labels)
-    permutation = np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(found["train"]))
-    found["train"] = [found["train"][i] for i in permutation]
+    listed = time.monotonic()
+    listing = list_source(src, source_format, layout=layout, val_labels=val_labels, devkit=devkit,
+                          class_names=class_names, val_split=val_split, use_ray=use_ray, before_tasks=_start_ray)
+    listing_seconds = time.monotonic() - listed
+    classes, found = listing.classes, {split: order_images(split, images) for split, images in listing.splits.items()}
+    if progress and listing.format != "tree":
+        print(f"prepare: {listing.format}: listed {sum(map(len, found.values())):,} images in "
+              f"{listing_seconds:.1f}s", file=sys.stderr, flush=True)
     skipped: list[dict] = []
-    labelled: dict[str, list[tuple[str, int, str]]] = {}
+    labelled: dict[str, list[tuple]] = {}
     for split, images in found.items():
         for image in images:
             if image.label < 0:
-                _bad(skipped, split, image.path, f"no label in {val_labels}", on_bad_image)
-        labelled[split] = [(i.path, i.label, i.class_name) for i in images if i.label >= 0]
-    plans = plan_shards(labelled, size, int(shard_mb * (1 << 20)), max_pixels)
+                _bad(skipped, split, image.location, image.problem or f"no label in {listing.labels_from}",
+                     on_bad_image)
+        labelled[split] = [(i.ref, i.label, i.class_name, i.name, i.location) for i in images if i.label >= 0]
+    blocked = frozenset(split for split, images in found.items() if images and images[0].unit)
+    plans = plan_shards(labelled, size, int(shard_mb * (1 << 20)), max_pixels, blocked & {"train"})
     created = not storage.exists(out)
     _prepare_out(out, overwrite)
     planned = {plan.file for plan in plans}
@@ -282,13 +333,10 @@ def prepare_dataset(
         if SHARD_NAME.fullmatch(info.base_name) and info.base_name not in planned:
             storage.delete_file(storage.join(out, info.base_name))
     if use_ray:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
+        _start_ray()
 
     run_stats = stats if stats is not None else {}
-    run_stats.update(driver_bytes_received=0, reused_shards=0, shards=len(plans))
+    run_stats.update(driver_bytes_received=0, reused_shards=0, shards=len(plans), listing_seconds=listing_seconds)
     started = time.monotonic()
     results: dict[str, dict] = {}
     bar = _Progress(sum(len(p.images) for p in plans), progress)
@@ -323,7 +371,7 @@ def prepare_dataset(
             raise RuntimeError(f"{split}: counts do not reconcile")  # a bug, not bad input
     mean, std, pca = _statistics(pixel_count, np.array(sums, np.float64), np.array(outers, np.float64).reshape(3, 3))
     manifest = Manifest(classes=classes, splits=splits, size=size, mean=mean, std=std, pca=pca,
-                        skipped=skipped, source=src)
+                        skipped=skipped, source=src, source_format=listing.format)
     manifest.save(out)
     manifest.root = out
     elapsed = time.monotonic() - started
