@@ -1,4 +1,13 @@
-"""Prepare a dataset: an ImageNet or folder-per-class tree -> Parquet shards of 256x256 JPEGs + manifest.
+"""Prepare ImageNet as downloaded (tarballs, Parquet, WebDataset, a folder tree) -> Parquet shards of 256x256 JPEGs + manifest.
+
+    # SRC holds any of these, told apart by their contents (--format names one; docs/preparing.md):
+    #   ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar + ILSVRC2012_devkit_t12.tar.gz, never extracted;
+    #   Hugging Face Parquet (data/train-00000-of-00004.parquet, data/validation-...);
+    #   WebDataset shards (train-000000.tar, val-000000.tar: KEY.jpg + KEY.cls);
+    #   a folder tree train/<class>/ with val/, validation/ or test/ (--val-split NAME, or none).
+    python jobs/prepare.py s3://raw/ilsvrc2012 s3://datasets/imagenet-256      # the three official files
+    python jobs/prepare.py s3://raw/imagenet-1k s3://datasets/imagenet-256     # the Hub's Parquet files
+    python jobs/prepare.py s3://raw/wds s3://datasets/imagenet-256 --class-names s3://raw/wds/classes.txt
 
     # ILSVRC2012 (train/<wnid>/*.JPEG, flat val/ + Kaggle's LOC_val_solution.csv), on a Ray cluster
     # (SRC and OUT on storage every node can read/write: NFS or a bucket):
@@ -28,16 +37,27 @@ the first one, naming it. A finished OUT (with a manifest) is refused unless --o
 import argparse
 import sys
 
+from alexnet_ray.data.formats import FORMATS
 from alexnet_ray.data.prepare import prepare_dataset
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="source tree with train/ (and val/): a path or a bucket URI")
+    parser.add_argument("src", help="what you downloaded (tarballs, Parquet, WebDataset shards or a tree): "
+                                    "a path or a bucket URI")
     parser.add_argument("out", help="output folder for shards and manifest.json: a path or a bucket URI")
-    parser.add_argument("--layout", choices=["auto", "imagenet", "folder"], default="auto")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="what SRC holds (default: told by its contents)")
+    parser.add_argument("--layout", choices=["auto", "imagenet", "folder"], default="auto",
+                        help="a tree's val split: flat + --val-labels (imagenet) or <class>/ folders")
     parser.add_argument("--val-labels", default=None,
                         help="ImageNet val labels: LOC_val_solution.csv or 'filename wnid' lines")
+    parser.add_argument("--devkit", default=None,
+                        help="ILSVRC2012_devkit_t12.tar.gz (or its folder) for the val tarball's labels "
+                             "(default: the one in SRC)")
+    parser.add_argument("--class-names", default=None,
+                        help="WebDataset class names, line i naming class i (default: the ids)")
+    parser.add_argument("--val-split", default=None,
+                        help="the split to prepare as val (val, validation, test, ...), or none for train alone")
     parser.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
     parser.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip")
     parser.add_argument("--shard-mb", type=float, default=64, help="approximate shard size in MB (default 64)")
@@ -47,9 +67,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local cluster of its own)")
     args = parser.parse_args(argv)
     try:
-        prepare_dataset(args.src, args.out, layout=args.layout, val_labels=args.val_labels, size=args.size,
-                        on_bad_image=args.on_bad_image, shard_mb=args.shard_mb,
-                        row_group_rows=args.row_group_rows, overwrite=args.overwrite, address=args.address)
+        prepare_dataset(args.src, args.out, source_format=args.format, layout=args.layout, val_labels=args.val_labels,
+                        devkit=args.devkit, class_names=args.class_names, val_split=args.val_split, size=args.size,
+                        on_bad_image=args.on_bad_image, shard_mb=args.shard_mb, row_group_rows=args.row_group_rows,
+                        overwrite=args.overwrite, address=args.address)
     except ValueError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2

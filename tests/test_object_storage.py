@@ -58,7 +58,7 @@ def test_prepare_train_resume_evaluate_export_from_s3(s3_endpoint, tmp_path, cap
         for remote_file, local_file in zip(manifest.shard_paths(split), local.shard_paths(split)):
             assert storage.read_bytes(remote_file) == storage.read_bytes(local_file)
     rows = pq.read_table(storage.open_input(manifest.shard_paths("train")[0])).to_pylist()
-    assert rows[0]["path"].startswith(f"{bucket}/src/train/")
+    assert rows[0]["path"] == f"{rows[0]['class_name']}/{rows[0]['path'].split('/')[-1]}"  # class/file, not where
 
     # Train with the data and the run in the bucket, then resume a new run from its checkpoint. Every
     # location printed or returned keeps its scheme, so it pastes into the next command.

@@ -108,20 +108,20 @@ def test_existing_output_refused_unless_overwrite_and_cli(ray_cluster, tmp_path)
     for name in ("a", "b"):
         for i in range(2):
             _save(tmp_path / "src" / "train" / name / f"{i}.jpg", rng)
-    first = prepare_dataset(tmp_path / "src", tmp_path / "out", size=12)
+    first = prepare_dataset(tmp_path / "src", tmp_path / "out", size=12, val_split="none")
     with pytest.raises(ValueError, match="--overwrite"):
-        prepare_dataset(tmp_path / "src", tmp_path / "out", size=12)
-    again = prepare_dataset(tmp_path / "src", tmp_path / "out", size=12, overwrite=True)
+        prepare_dataset(tmp_path / "src", tmp_path / "out", size=12, val_split="none")
+    again = prepare_dataset(tmp_path / "src", tmp_path / "out", size=12, val_split="none", overwrite=True)
     assert again.to_dict() == first.to_dict()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("not a dataset")
     with pytest.raises(ValueError, match="not a prepared dataset"):
-        prepare_dataset(tmp_path / "src", tmp_path / "other", size=12, overwrite=True)
+        prepare_dataset(tmp_path / "src", tmp_path / "other", size=12, val_split="none", overwrite=True)
     assert (tmp_path / "other" / "keep.txt").exists()
     with pytest.raises(ValueError, match="not a prepared dataset"):
         load_manifest(tmp_path / "other")
     # The command line refuses the existing OUT with a message (no Ray start needed to get there).
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "prepare.py"), str(tmp_path / "src"),
-                             str(tmp_path / "out"), "--size", "12"], capture_output=True, text=True,
+                             str(tmp_path / "out"), "--size", "12", "--val-split", "none"], capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 2 and "--overwrite" in result.stderr

@@ -96,7 +96,7 @@ def test_corpus_through_prepare_converts_or_lists_every_file(ray_cluster, tmp_pa
             (src / "train" / folder / name).write_bytes(data)
     (src / "train" / "broken" / "good.jpg").write_bytes(_encode(Image.fromarray(_upright()), "JPEG"))
 
-    manifest = prepare_dataset(src, tmp_path / "out", size=32)
+    manifest = prepare_dataset(src, tmp_path / "out", size=32, val_split="none")
     stored = pq.read_table(manifest.shard_paths("train")[0]).to_pylist()
     stored_names = sorted(Path(r["path"]).name for r in stored)
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest.skipped}
@@ -123,7 +123,7 @@ def test_fail_mode_names_the_file(ray_cluster, tmp_path):
     (src / "train" / "a" / "fine.jpg").write_bytes(_encode(Image.fromarray(_upright()), "JPEG"))
     (src / "train" / "a" / "cut.JPEG").write_bytes(b"\xff\xd8\xff")
     with pytest.raises(ValueError, match=r"cut\.JPEG.*--on-bad-image fail"):
-        prepare_dataset(src, tmp_path / "out", size=16, on_bad_image="fail")
+        prepare_dataset(src, tmp_path / "out", size=16, on_bad_image="fail", val_split="none")
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob("*.parquet"))
 

@@ -260,7 +260,7 @@ def _run(work: Path, count: int, cores: int, batch_size: int, replica_counts: li
     DataContext.get_current().enable_progress_bars = False
     try:
         started = time.perf_counter()
-        prepare_dataset(work / "raw", work / "prepared", size=256)
+        prepare_dataset(work / "raw", work / "prepared", size=256, val_split="none")
         prepare_s = time.perf_counter() - started
         print(f"    prepare (one-off): {count / prepare_s:8.1f} images/s incl. Ray start-up")
         index = ShardIndex.from_manifest(load_manifest(work / "prepared"), "train")

@@ -2,12 +2,15 @@
 
     python jobs/benchmark.py prepare                 # 2000 generated ~500x375 photos
     python jobs/benchmark.py prepare --images 4000 --workdir /tmp/prep-bench   # keep the photos
+    python jobs/benchmark.py prepare --source tars   # prepare reads them from ILSVRC2012_img_train.tar
 
 On the same cores, images/s per core for
   (a) the pool: multiprocessing.Pool(cores), each process reading a file and, with plain PIL,
       decoding it, resizing the short side to 256, centre-cropping 256x256 and encoding a
       quality-90 JPEG, which it returns to the parent (chunks of 32 files per call);
-  (b) prepare: jobs/prepare.py's library call on a Ray cluster of `cores` CPUs: the same
+  (b) prepare: jobs/prepare.py's library call on a Ray cluster of `cores` CPUs (with --source tars
+      reading the same photos from a tar of per-class tars, as ILSVRC2012_img_train.tar is, by byte
+      range, its index included in the time; the pool still reads the files): the same
       conversion (plus odd-mode handling and EXIF rotation), plus decoding the stored JPEG again
       for the mean/std/PCA statistics, plus writing Parquet shards to OUT from the workers.
 Neither uses JPEG draft mode: prepare asks for it, but at 500x375 -> 256 libjpeg has no reduced
@@ -101,11 +104,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="benchmark.py prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workdir", default=None, help="keep the generated photos here (reused)")
+    parser.add_argument("--source", choices=["tree", "tars"], default="tree",
+                        help="what prepare reads: the photos' folder tree, or the same in an ILSVRC2012-style tarball")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="alexnet-prepare-bench-"))
     try:
-        return _run(work, args.images, cores)
+        return _run(work, args.images, cores, args.source)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -113,7 +118,24 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(work / "out", ignore_errors=True)
 
 
-def _run(work: Path, count: int, cores: int) -> int:
+def write_tarball(tree: Path, root: Path) -> Path:
+    """root/ILSVRC2012_img_train.tar: one tar per class folder of tree/train, inside one tar."""
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+        for folder in sorted((tree / "train").iterdir()):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as inner:
+                for photo in sorted(folder.iterdir()):
+                    inner.add(photo, arcname=photo.name)
+            info = tarfile.TarInfo(f"{folder.name}.tar")
+            info.size = len(buffer.getvalue())
+            outer.addfile(info, io.BytesIO(buffer.getvalue()))
+    return root
+
+
+def _run(work: Path, count: int, cores: int, source: str = "tree") -> int:
     import multiprocessing
 
     import ray
@@ -129,6 +151,7 @@ def _run(work: Path, count: int, cores: int) -> int:
     print(f"{count} photos (~500x375, mean {mean_kb:.0f} kB) ready in {time.perf_counter() - started:.1f}s; "
           f"{cores} cores")
     chunks = [paths[i: i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    src = write_tarball(work / "raw", work / "tars") if source == "tars" else work / "raw"
 
     def pool_round() -> tuple[float, float, float]:
         with CpuTime(lambda: pool_processes) as cpu:
@@ -145,7 +168,7 @@ def _run(work: Path, count: int, cores: int) -> int:
         out = work / "out" / f"round{next(rounds)}"
         stats: dict = {}
         with CpuTime(ray_processes) as cpu:
-            prepare_dataset(work / "raw", out, size=256, progress=False, stats=stats)
+            prepare_dataset(src, out, size=256, val_split="none", progress=False, stats=stats)
         shutil.rmtree(out, ignore_errors=True)
         return count / cpu.wall / cores, count / cpu.seconds, stats["driver_bytes_received"], stats["shards"]
 
@@ -168,7 +191,7 @@ def _run(work: Path, count: int, cores: int) -> int:
           f"({ours_cpu:.1f} per CPU-second); the driver received {driver_bytes:,} bytes")
     print(f"    best of {ROUNDS} rounds each, taking turns; ratio {ours_wall / pool_wall:.2f} (goal >= 0.7)")
     print(json.dumps({
-        "images": count, "cores": cores, "shards": shards,
+        "images": count, "cores": cores, "shards": shards, "source": source,
         "images_per_s_per_core": round(ours_wall, 1),
         "pool_images_per_s_per_core": round(pool_wall, 1),
         "ratio_to_pool": round(ours_wall / pool_wall, 3),

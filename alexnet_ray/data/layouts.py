@@ -1,25 +1,19 @@
-"""Finding the images of a source tree: ImageNet (train/<wnid>/, flat val/ + labels) or folder-per-class."""
+"""Finding the images of a source tree: ImageNet (train/<wnid>/, flat val/ + labels) or folder-per-class,
+its validation split named val/, validation/ or test/."""
 
 from __future__ import annotations
 
 import csv
 import posixpath
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from alexnet_ray import storage
 from alexnet_ray.data.images import IMAGE_EXTENSIONS
+from alexnet_ray.data.sources import VAL_SPLITS, Listing, SourceImage, choose_val_split, image_name
 
 LAYOUTS = ("auto", "imagenet", "folder")
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: str
-    label: int  # -1: no label found (reported as skipped)
-    class_name: str
 
 
 def _tree(folder: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -40,14 +34,6 @@ def _tree(folder: str) -> tuple[list[str], dict[str, list[str]]]:
                 dirs.add(parts[0])  # object stores have no folder entries, only keys
             files.setdefault(parts[0] if len(parts) == 2 else "", []).append(storage.join(folder, *parts))
     return sorted(dirs), {name: sorted(paths) for name, paths in files.items()}
-
-
-def detect_layout(src: str) -> str:
-    """'imagenet' when val/ holds images directly, otherwise 'folder'."""
-    _, files = _tree(storage.join(src, "val"))
-    if any(posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS for p in files.get("", [])):
-        return "imagenet"
-    return "folder"
 
 
 def read_val_labels(path: str | Path) -> dict[str, str]:
@@ -79,22 +65,27 @@ def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
-def _folder_split(folder: str, class_index: dict[str, int]) -> list[SourceImage]:
-    dirs, files = _tree(folder)
+def _folder_split(folder: str, dirs: list[str], files: dict[str, list[str]],
+                  class_index: dict[str, int]) -> list[SourceImage]:
     images = []
     for name in dirs:
         if name not in class_index:
             raise ValueError(f"{storage.join(folder, name)}: class {name!r} is not among train/'s classes")
-        images += [SourceImage(path, class_index[name], name) for path in files.get(name, [])]
+        images += [SourceImage(path, class_index[name], name, image_name(name, path)) for path in files.get(name, [])]
     return images
 
 
-def find_images(
-    src: str | Path, layout: str = "auto", val_labels: str | Path | None = None
-) -> tuple[list[str], dict[str, list[SourceImage]]]:
-    """Classes (sorted train/ folder names; index = label) and every file found, per split.
-    `src` is a local path or a URI. ValueError, before any work, when train/ is missing, has no
-    class folders, or has a class folder without files (a class may have no validation images)."""
+def _has_images(paths: list[str]) -> bool:
+    return any(posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS for p in paths)
+
+
+def find_images(src: str | Path, layout: str = "auto", val_labels: str | Path | None = None,
+                val_split: str | None = None) -> Listing:
+    """Classes (sorted train/ folder names; index = label) and every file found, for train and
+    the validation split (val/, validation/ or test/: `val_split`, see sources.choose_val_split),
+    prepared as "val". `src` is a local path or a URI. ValueError, before any work, when train/ is
+    missing, has no class folders, or has a class folder without files (a class may have no
+    validation images), or when there is no validation split or several."""
     src = storage.absolute(src)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
@@ -108,27 +99,44 @@ def find_images(
     if empty:
         more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise ValueError(f"{storage.join(train, empty[0])}: class folder without training images{more}")
+    if layout == "folder" and val_labels is not None:
+        raise ValueError("--val-labels applies to the imagenet layout only")
     class_index = {name: i for i, name in enumerate(classes)}
-    if layout == "auto":
-        layout = detect_layout(src)
-    splits = {"train": [SourceImage(p, class_index[c], c) for c in classes for p in train_files[c]]}
-    val = storage.join(src, "val")
-    if layout == "folder":
-        if val_labels is not None:
-            raise ValueError("--val-labels applies to the imagenet layout only")
-        if storage.is_dir(val):
-            splits["val"] = _folder_split(val, class_index)
-        return classes, splits
-    if not storage.is_dir(val):
-        return classes, splits
+    splits = {"train": [SourceImage(p, class_index[c], c, image_name(c, p)) for c in classes for p in train_files[c]]}
+    trees = {name: _tree(storage.join(src, name)) for name in VAL_SPLITS if storage.is_dir(storage.join(src, name))}
+
+    def flat(name: str) -> bool:
+        dirs, files = trees[name]
+        return layout == "imagenet" or (layout == "auto" and _has_images(files.get("", [])))
+
+    labelled = [name for name, (dirs, files) in trees.items()
+                if (flat(name) and (name == "val" or val_labels is not None)) or (not flat(name) and dirs)]
+    if val_labels is not None and not storage.is_file(val_labels):
+        raise ValueError(f"--val-labels {val_labels} does not exist")
+    chosen = choose_val_split(src, list(trees), labelled, val_split)
+    listing = Listing("tree", classes, splits, labels_from=str(val_labels or ""))
+    if chosen is None:
+        return listing
+    folder = storage.join(src, chosen)
+    dirs, files = trees[chosen]
+    if not flat(chosen):
+        splits["val"] = _folder_split(folder, dirs, files, class_index)
+        return listing
     if val_labels is None:
-        raise ValueError(f"{val} is a flat ImageNet val/ folder: pass --val-labels")
-    wnids = read_val_labels(val_labels)
+        raise ValueError(f"{folder} is a flat ImageNet val/ folder: pass --val-labels")
+    splits["val"] = label_flat(files.get("", []), read_val_labels(val_labels), class_index, f"--val-labels {val_labels}")
+    return listing
+
+
+def label_flat(locations: list[str], wnids: dict[str, str], class_index: dict[str, int], named: str,
+               refs: list[tuple] | None = None) -> list[SourceImage]:
+    """Flat val images labelled by file stem -> wnid (-1 where the labels have none)."""
     unknown = sorted(set(wnids.values()) - set(class_index))
     if unknown:
-        raise ValueError(f"--val-labels {val_labels}: classes {unknown[:5]} are not in train/")
-    splits["val"] = [
-        SourceImage(p, class_index.get(wnids.get(_stem(p), ""), -1), wnids.get(_stem(p), ""))
-        for p in _tree(val)[1].get("", [])
-    ]
-    return classes, splits
+        raise ValueError(f"{named}: classes {unknown[:5]} are not in train")
+    images = []
+    for i, location in enumerate(locations):
+        wnid = wnids.get(_stem(location), "")
+        images.append(SourceImage(location, class_index.get(wnid, -1), wnid, image_name(wnid, location),
+                                  refs[i] if refs else ()))
+    return images

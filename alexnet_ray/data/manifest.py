@@ -29,6 +29,7 @@ class Manifest:
     pca: dict[str, list]
     skipped: list[dict] = field(default_factory=list)
     source: str = ""
+    source_format: str = ""  # formats.FORMATS: what SRC held
     format_version: int = FORMAT_VERSION
     root: str | None = None  # the folder or URI the manifest was loaded from (not stored)
 

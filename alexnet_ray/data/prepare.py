@@ -1,9 +1,15 @@
-"""The prepare job: a source tree -> Parquet shards of size x size JPEGs plus manifest.json.
+"""The prepare job: a source (formats.py: a folder tree, the ILSVRC2012 tarballs, Hugging Face Parquet,
+WebDataset shards) -> Parquet shards of size x size JPEGs plus manifest.json.
 
 SRC and OUT are local paths (NFS on a cluster) or URIs (s3://, gs://). The driver lists SRC once
-and plans the shards: which images, in which order, under which name, a pure function of the
-listing (train images in a seeded random order, so row groups mix classes). One Ray task per
-shard reads its images from SRC, converts them and writes the shard straight to OUT, whole or not
+(archives are indexed by tasks: each tar's members, each Parquet file's labels) and plans the
+shards: which images, in which order, under which name, a pure function of the listing. Images
+read one by one (files, tar members) are sorted by (label, name) and train is put in a seeded
+random order, so row groups mix classes and the same images give the same shards whichever format
+held them. Parquet rows are read a row group at a time, so there train's row groups are put in a
+seeded random order and the rows shuffled within each shard. One Ray task per
+shard reads its images from SRC (whole files, byte ranges of tars, row groups), converts them and
+writes the shard straight to OUT, whole or not
 at all (storage.write_bytes_atomic); it returns only counts and the pixel statistics' sufficient
 statistics (exact integer sums of pixels and of their outer products), which the driver adds up.
 The manifest is written last: a dataset without one is visibly incomplete.
@@ -31,9 +37,10 @@ from PIL import Image, ImageChops
 
 from alexnet_ray import ray_cluster, storage
 from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, encode_jpeg
-from alexnet_ray.data.layouts import find_images
+from alexnet_ray.data.formats import list_source
 from alexnet_ray.data.manifest import MANIFEST_NAME, Manifest
 from alexnet_ray.data.shards import footer_range, read_footer
+from alexnet_ray.data.sources import SourceImage, read_images
 
 SHARD_SCHEMA = pa.schema(
     [("jpeg", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()), ("path", pa.string())]
@@ -51,7 +58,7 @@ JPEG_HEADER_BYTES, JPEG_BYTES_PER_PIXEL = 600, 0.35
 # Shards are also the unit of parallel work: a split of fewer images than MIN_SHARDS shards of
 # shard_mb is cut finer (down to one row group a shard), so a small set still uses every core.
 MIN_SHARDS = 64
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: rows keyed and named by class/file, whichever format held them
 FOOTER_KEY = b"alexnet_ray.shard"
 SHARD_NAME = re.compile(r"[a-z]+-\d{5}\.parquet")
 PROGRESS_INTERVAL_S = 10.0
@@ -61,15 +68,17 @@ PROGRESS_INTERVAL_S = 10.0
 class ShardPlan:
     split: str
     file: str
-    images: tuple[tuple[str, int, str], ...]  # (source path or URI, label, class name), in row order
-    key: str  # a digest of everything that decides the shard's bytes
+    # (how to read it: SourceImage.ref, label, class name, name, location), in row order
+    images: tuple[tuple, ...]
+    key: str  # a digest of everything that decides the shard's bytes (not where the images are read from)
     row_group_rows: int = ROW_GROUP_ROWS
 
 
-def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_bytes: int,
-                max_pixels: int, row_group_rows: int = ROW_GROUP_ROWS) -> list[ShardPlan]:
+def plan_shards(found: dict[str, list[tuple]], size: int, shard_bytes: int, max_pixels: int,
+                shuffle_within: frozenset = frozenset(), row_group_rows: int = ROW_GROUP_ROWS) -> list[ShardPlan]:
     """Cut each split's images, in order, into shards of the same image count (a function of the
-    listing and the arguments only, never of the cluster), whole row groups where they can be."""
+    listing and the arguments only, never of the cluster); the rows of `shuffle_within` splits'
+    shards in a seeded random order; whole row groups where they can be."""
     by_bytes = max(1, int(shard_bytes / (JPEG_HEADER_BYTES + size * size * JPEG_BYTES_PER_PIXEL)))
     if by_bytes >= row_group_rows:
         by_bytes -= by_bytes % row_group_rows  # whole row groups when nothing is skipped
@@ -79,11 +88,13 @@ def plan_shards(found: dict[str, list[tuple[str, int, str]]], size: int, shard_b
         per_shard = min(by_bytes, small_set)
         for n, start in enumerate(range(0, len(images), per_shard)):
             chunk = tuple(images[start: start + per_shard])
-            recipe = [SHARD_FORMAT, size, max_pixels, JPEG_QUALITY, chunk]
-            if row_group_rows != 128:  # the row-group size before it was a choice: old shards keep their key
-                recipe.append(row_group_rows)
-            key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
-            plans.append(ShardPlan(split, f"{split}-{n:05d}.parquet", chunk, key, row_group_rows))
+            if split in shuffle_within:
+                order = np.random.default_rng([TRAIN_ORDER_SEED, n]).permutation(len(chunk))
+                chunk = tuple(chunk[i] for i in order)
+            recipe = json.dumps([SHARD_FORMAT, size, max_pixels, JPEG_QUALITY, row_group_rows,
+                                 [image[1:4] for image in chunk]]).encode()
+            plans.append(ShardPlan(split, f"{split}-{n:05d}.parquet", chunk, hashlib.sha256(recipe).hexdigest(),
+                                   row_group_rows))
     return plans
 
 
@@ -110,9 +121,11 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
     rows: list[tuple] = []
     skipped: list[dict] = []
     sums, outers = np.zeros(3, np.int64), np.zeros(9, np.int64)
-    for path, label, class_name in plan.images:
+    for (_, label, class_name, name, path), data in read_images(list(plan.images)):
         try:
-            jpeg = encode_jpeg(convert_image(storage.read_bytes(path), size, max_pixels))
+            if isinstance(data, Exception):
+                raise data
+            jpeg = encode_jpeg(convert_image(data, size, max_pixels))
         except (BadImageError, OSError) as error:
             reason = str(error) or type(error).__name__
             if fail_on_bad:
@@ -124,7 +137,7 @@ def write_shard(plan: ShardPlan, out: str, size: int, max_pixels: int, fail_on_b
                 image_sums, image_outer = pixel_moments(stored)
             sums += image_sums
             outers += image_outer.ravel()
-        rows.append((jpeg, label, class_name, path))
+        rows.append((jpeg, label, class_name, name))
     step = plan.row_group_rows
     groups = [len(rows[i: i + step]) for i in range(0, len(rows), step)]
     result = {"key": plan.key, "file": plan.file, "split": plan.split, "rows": len(rows), "row_groups": groups,
@@ -252,12 +265,39 @@ def _run_shards(plans: list[ShardPlan], out: str, size: int, max_pixels: int, fa
             ray.wait(list(pending), num_returns=len(pending), timeout=60)
 
 
+def order_images(split: str, images: list[SourceImage]) -> list[SourceImage]:
+    """A split's images in stored order, a function of what was listed (see the module docstring)."""
+    units: dict[str, list[SourceImage]] = {}
+    for image in images:
+        units.setdefault(image.unit, []).append(image)
+    if "" not in units:  # read by row group (Parquet): keep each group's rows together
+        groups = list(units.values())
+        if split == "train":
+            groups = [groups[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(groups))]
+        return [image for group in groups for image in group]
+    ordered = sorted(images, key=lambda i: (i.label, i.name, i.location))
+    if split == "train":
+        ordered = [ordered[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(ordered))]
+    return ordered
+
+
+def _connect_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray_cluster.connect(address, say=ray_cluster.say_on_stderr)
+
+
 def prepare_dataset(
     src: str | Path,
     out: str | Path,
     *,
+    source_format: str = "auto",
     layout: str = "auto",
     val_labels: str | Path | None = None,
+    devkit: str | Path | None = None,
+    class_names: str | Path | None = None,
+    val_split: str | None = None,
     size: int = 256,
     on_bad_image: str = "skip",
     shard_mb: float = 64,
@@ -269,10 +309,12 @@ def prepare_dataset(
     stats: dict | None = None,
     address: str | None = None,
 ) -> Manifest:
-    """Convert `src` (ImageNet or folder-per-class layout; a local path or a URI) into shards and a
-    manifest in `out` (a local path or a URI). `use_ray=False` converts in this process; otherwise on
-the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its own. `stats`,
-    when given, receives {"seconds", "images", "shards", "reused_shards", "driver_bytes_received"}."""
+    """Convert `src` (a local path or a URI holding any format of formats.FORMATS, found by its
+    contents unless `source_format` names one) into shards and a manifest in `out` (a local path
+    or a URI). `val_split` names the split prepared as val (None: the one there is; "none": train
+    alone). `use_ray=False` converts in this process; otherwise on the Ray cluster at `address`
+    (else $RAY_ADDRESS), or on a local cluster of its own. `stats`, when given, receives {"seconds",
+    "images", "shards", "reused_shards", "driver_bytes_received", "listing_seconds"}."""
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image={on_bad_image!r}: choose 'skip' or 'fail'")
     if size < 8:
@@ -285,17 +327,25 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
     storage.resolve(out)  # a URI without a bucket fails here, before any work
     if not storage.is_dir(src):
         raise ValueError(f"{src} is not a folder")
-    classes, found = find_images(src, layout, val_labels)
-    permutation = np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(found["train"]))
-    found["train"] = [found["train"][i] for i in permutation]
+    listed = time.monotonic()
+    listing = list_source(src, source_format, layout=layout, val_labels=val_labels, devkit=devkit,
+                          class_names=class_names, val_split=val_split, use_ray=use_ray,
+                          before_tasks=lambda: _connect_ray(address))
+    listing_seconds = time.monotonic() - listed
+    classes, found = listing.classes, {split: order_images(split, images) for split, images in listing.splits.items()}
+    if progress and listing.format != "tree":
+        print(f"prepare: {listing.format}: listed {sum(map(len, found.values())):,} images in "
+              f"{listing_seconds:.1f}s", file=sys.stderr, flush=True)
     skipped: list[dict] = []
-    labelled: dict[str, list[tuple[str, int, str]]] = {}
+    labelled: dict[str, list[tuple]] = {}
     for split, images in found.items():
         for image in images:
             if image.label < 0:
-                _bad(skipped, split, image.path, f"no label in {val_labels}", on_bad_image)
-        labelled[split] = [(i.path, i.label, i.class_name) for i in images if i.label >= 0]
-    plans = plan_shards(labelled, size, int(shard_mb * (1 << 20)), max_pixels, row_group_rows)
+                _bad(skipped, split, image.location, image.problem or f"no label in {listing.labels_from}",
+                     on_bad_image)
+        labelled[split] = [(i.ref, i.label, i.class_name, i.name, i.location) for i in images if i.label >= 0]
+    blocked = frozenset(split for split, images in found.items() if images and images[0].unit)
+    plans = plan_shards(labelled, size, int(shard_mb * (1 << 20)), max_pixels, blocked & {"train"}, row_group_rows)
     created = not storage.exists(out)
     _prepare_out(out, overwrite)
     planned = {plan.file for plan in plans}
@@ -303,10 +353,10 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
         if SHARD_NAME.fullmatch(info.base_name) and info.base_name not in planned:
             storage.delete_file(storage.join(out, info.base_name))
     if use_ray:
-        ray_cluster.connect(address, say=ray_cluster.say_on_stderr)
+        _connect_ray(address)
 
     run_stats = stats if stats is not None else {}
-    run_stats.update(driver_bytes_received=0, reused_shards=0, shards=len(plans))
+    run_stats.update(driver_bytes_received=0, reused_shards=0, shards=len(plans), listing_seconds=listing_seconds)
     started = time.monotonic()
     results: dict[str, dict] = {}
     bar = _Progress(sum(len(p.images) for p in plans), progress)
@@ -342,7 +392,7 @@ the Ray cluster at `address` (else $RAY_ADDRESS), or on a local cluster of its o
             raise RuntimeError(f"{split}: counts do not reconcile")  # a bug, not bad input
     mean, std, pca = _statistics(pixel_count, np.array(sums, np.float64), np.array(outers, np.float64).reshape(3, 3))
     manifest = Manifest(classes=classes, splits=splits, size=size, mean=mean, std=std, pca=pca,
-                        skipped=skipped, source=src)
+                        skipped=skipped, source=src, source_format=listing.format)
     manifest.save(out)
     manifest.root = out
     elapsed = time.monotonic() - started
