@@ -90,13 +90,15 @@ def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
 class Trainer:
     """Trains the configured AlexNet with one Ray Train worker per tower per replica."""
 
-    def __init__(self, config: Config, *, address: str | None = None):
+    def __init__(self, config: Config, *, address: str | None = None, callbacks: list[UserCallback] | None = None):
         self.config = config
         self.address = address or os.environ.get("RAY_ADDRESS")
+        self.callbacks = list(callbacks or [])  # more Ray Train callbacks (a sweep's TuneReportCallback)
         validate_config(config, check_data=False)  # fail before any Ray work
 
-    def connect(self) -> None:
-        """Join the configured cluster, or start this run's local one; nothing when Ray is up."""
+    def connect(self, num_cpus: int | None = None) -> None:
+        """Join the configured cluster, or start this run's local one (`num_cpus` logical CPUs, by
+        default room for this run); nothing when Ray is up."""
         if ray.is_initialized():
             return
         if self.address:
@@ -105,7 +107,7 @@ class Trainer:
         # Local cluster: logical CPUs beyond the cores, so Ray Data tasks run beside the workers.
         # address="local": always a cluster of our own (never one found in /tmp/ray), whose
         # processes die with this driver (Ray's fate-sharing), so a restarted driver starts clean.
-        ray.init(address="local", num_cpus=local_cluster_cpus(self.config), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or local_cluster_cpus(self.config), include_dashboard=False)
 
     @property
     def cpus_per_worker(self) -> float:
@@ -117,7 +119,7 @@ class Trainer:
             return ray.cluster_resources().get("GPU", 0) > 0
         return choice == "true"
 
-    def _resolve_data(self) -> Config:
+    def resolved_config(self) -> Config:
         """The config with data.path set: the given dataset, or the embedded demo prepared once."""
         config = copy_config(self.config)
         if config.data.path is None:
@@ -139,7 +141,7 @@ class Trainer:
         bad input, RunCannotRecoverError when a restart could not help, ray.train errors otherwise."""
         check_inputs(self.config)  # the dataset and the checkpoint to start from, before Ray starts
         self.connect()
-        config = self._resolve_data()
+        config = self.resolved_config()
         validate_config(config, cluster_resources=ray.cluster_resources(), check_data=True)
         p, run = config.parallel, config.run
         use_gpu = self._use_gpu()
@@ -170,7 +172,7 @@ class Trainer:
                 storage_path=storage_dir,
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
-                callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable()],
+                callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable(), *self.callbacks],
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress lines, not Ray's per-report INFO
             ),
         )
