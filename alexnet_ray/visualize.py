@@ -311,6 +311,23 @@ def run_dir_of(checkpoint: Path | str) -> Path | str:
     return directory.parent if directory.name.startswith("checkpoint_") else directory
 
 
+def run_pictures(checkpoint: str, run_dir: str, out_dir: str | os.PathLike,
+                 metrics: Sequence[dict[str, Any]] = ()) -> list[Path]:
+    """conv1_kernels.png and curves.png of a run just finished, into the local `out_dir`: what a
+    tracked run logs as artifacts (Trainer(pictures=run_pictures)). `metrics` are epochs the caller
+    holds that the run's metrics files may not have yet (the last one is written as the run ends)."""
+    from alexnet_ray.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    by_epoch = {m.get("epoch"): m for m in read_run_metrics(run_dir)}
+    by_epoch.update({m.get("epoch"): m for m in metrics})
+    name = storage.base_name(run_dir)
+    out = Path(out_dir)
+    return [draw_conv1_kernels(state["model"]["conv1.weight"], out / "conv1_kernels.png",
+                               title=f"conv1 kernels - {name}, epoch {state['epoch']}"),
+            draw_curves([by_epoch[e] for e in sorted(by_epoch)], out / "curves.png", title=f"training curves - {name}")]
+
+
 def visualize(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draw conv1_kernels.png and curves.png for a checkpoint (or a run directory: its latest).
 

@@ -35,9 +35,10 @@ def main(argv=None) -> int:
         return 2
 
     from alexnet_ray.train.trainer import Trainer
+    from alexnet_ray.visualize import run_pictures
 
     try:
-        result = Trainer(config, address=args.address).fit()
+        result = Trainer(config, address=args.address, pictures=run_pictures).fit()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from alexnet_ray.train.sweep import Sweep
+    from alexnet_ray.visualize import run_pictures
 
     try:
         if args.name is not None:
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         sweep = Sweep(config, args.search, samples=args.samples, max_concurrent=args.max_concurrent,
                       name=args.sweep_name, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                      address=args.address)
+                      address=args.address, pictures=run_pictures)
         result = sweep.fit()
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

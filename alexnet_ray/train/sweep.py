@@ -35,7 +35,7 @@ DRIVER_CPUS = 0.25
 RUNS_FOLDER = "runs"  # <storage>/<sweep>/runs/<trial>: each trial's Train run directory
 
 
-def trial_driver(values: dict[str, Any], *, base: dict, runs_dir: str) -> None:
+def trial_driver(values: dict[str, Any], *, base: dict, runs_dir: str, pictures=None) -> None:
     """Ray Tune's function trainable: one trial = one whole Trainer run with the sampled values."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -46,7 +46,7 @@ def trial_driver(values: dict[str, Any], *, base: dict, runs_dir: str) -> None:
     # The trial id names the run: a restarted trial resumes its own run (Ray's documented pattern).
     config.run.name = f"trial-{ray.tune.get_context().get_trial_id()}"
     config.run.storage = runs_dir
-    Trainer(config, callbacks=[TuneReportCallback()]).fit()
+    Trainer(config, callbacks=[TuneReportCallback()], pictures=pictures).fit()
 
 
 @dataclass
@@ -85,7 +85,7 @@ class SweepResult:
     def best_config(self) -> Config:
         """The best trial's config as a fresh run: a new name, the default storage, no resume."""
         config = trial_config(self.base, self.best.values)
-        config.run.name = config.run.resume_from = None
+        config.run.name = config.run.resume_from = config.run.tracking_group = None
         return config
 
     def write_best_yaml(self, path: str) -> str:
@@ -136,7 +136,7 @@ class Sweep:
 
     def __init__(self, config: Config, search: Sequence[str], *, samples: int = 4, max_concurrent: int | None = None,
                  name: str | None = None, grace_period: int = 1, reduction_factor: float = 2.0,
-                 address: str | None = None):
+                 address: str | None = None, pictures=None):
         validate_config(config, check_data=False)
         self.dimensions = parse_search(search, config)
         if samples < 1:
@@ -148,6 +148,7 @@ class Sweep:
         self.config, self.samples, self.max_concurrent = config, samples, max_concurrent
         self.name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
         self.grace_period, self.reduction_factor, self.address = grace_period, reduction_factor, address
+        self.pictures = pictures  # for tracked trials: see Trainer(pictures=...)
 
     def trial_needs(self, use_gpu: bool) -> dict[str, float]:
         """What one trial holds while it runs: its driver and its towers x replicas workers."""
@@ -189,6 +190,7 @@ class Sweep:
         trainer = Trainer(self.config, address=self.address)
         trainer.connect(num_cpus=self.local_cpus())
         base = trainer.resolved_config()  # data.path of the demo dataset, storage made absolute
+        base.run.tracking_group = base.run.tracking_group or self.name  # trials' tracker runs, grouped by sweep
         resources = ray.cluster_resources()
         validate_config(base, cluster_resources=resources, check_data=True)
         use_gpu = base.parallel.use_gpu == "true" or (base.parallel.use_gpu == "auto" and resources.get("GPU", 0) >= 1)
@@ -197,7 +199,7 @@ class Sweep:
         runs_dir = storage.join(sweep_dir, RUNS_FOLDER)
         print(f"sweep directory: {sweep_dir} ({self.samples} samples, up to {concurrent} trials at once)", flush=True)
         trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(trial_driver, base=base.to_dict(), runs_dir=runs_dir),
+            ray.tune.with_parameters(trial_driver, base=base.to_dict(), runs_dir=runs_dir, pictures=self.pictures),
             {"CPU": DRIVER_CPUS})
         scheduler = ASHAScheduler(time_attr="epoch", max_t=base.run.epochs, grace_period=self.grace_period,
                                   reduction_factor=self.reduction_factor)

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from alexnet_ray import storage
-from alexnet_ray.train import failures, fault_injection, tensorboard
+from alexnet_ray.train import failures, fault_injection, tensorboard, tracking
 from alexnet_ray.train.config import Config, copy_config, validate_config
 from alexnet_ray.train.metrics import write_metrics_file
 from alexnet_ray.train.preflight import check_inputs
@@ -90,8 +90,12 @@ def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
 class Trainer:
     """Trains the configured AlexNet with one Ray Train worker per tower per replica."""
 
-    def __init__(self, config: Config, *, address: str | None = None, callbacks: list[UserCallback] | None = None):
+    def __init__(self, config: Config, *, address: str | None = None, callbacks: list[UserCallback] | None = None,
+                 pictures=None):
         self.config = config
+        # pictures(checkpoint, run_dir, out_dir, metrics) -> paths: drawn on rank 0 at the end for the
+        # tracker (jobs pass alexnet_ray.visualize.run_pictures; train/ may not import the pictures)
+        self.pictures = pictures
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.callbacks = list(callbacks or [])  # more Ray Train callbacks (a sweep's TuneReportCallback)
         validate_config(config, check_data=False)  # fail before any Ray work
@@ -151,7 +155,9 @@ class Trainer:
         if "runtime_resources" in storage_dir:  # e.g. a relative --storage under `ray job submit --working-dir`
             print(f"warning: {storage_dir} is inside Ray's temporary copy of the working directory; it is "
                   "removed with the cluster (give --storage an absolute path or a bucket URI)", flush=True)
-        loop_config = {"config": config.to_dict(), "base_lr": config.effective_lr()}
+        loop_config = {"config": config.to_dict(), "base_lr": config.effective_lr(), "run_dir": run_dir,
+                       "tracking_env": tracking.tracking_env() if run.tracking != "none" else {},
+                       "pictures": self.pictures}
         loop = train_worker
         fault_plan = fault_injection.plan_from_environment()  # tests only; None in normal runs
         if fault_plan:
