@@ -162,9 +162,9 @@ def test_wandb_offline_run_folder_holds_the_config_and_every_epoch(prepared_demo
             assert logged[name] == pytest.approx(written[name], rel=1e-12), name
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run_record.run_id == run_id and run_record.run_group == "sweep-x"
-    config_items = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-                    for item in r.config.update}
-    assert config_items["optimizer.lr"]["value"] == 0.005 and config_items["parallel.towers"]["value"] == 2
+    config_items = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+    expected = {f"{s}.{k}": v for s, values in config.to_dict().items() for k, v in values.items()}
+    assert {k: config_items[k] for k in expected} == expected
     assert sorted(p.name for p in (offline[0] / "files").glob("*.png")) == ["conv1_kernels.png", "curves.png"]
 
 
