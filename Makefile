@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install -q -e '.[test,onnx,tensorboard]'
+	$(PYTHON) -m venv $(VENV)/mlflow-server
+	$(VENV)/mlflow-server/bin/python -m pip install -q "mlflow>=3"
 	touch $@
 
 demo: setup

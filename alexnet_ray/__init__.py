@@ -11,6 +11,7 @@ _LAZY = {
     "Tower": ("alexnet_ray.model", "Tower"),
     "ModelConfig": ("alexnet_ray.model", "ModelConfig"),
     "Trainer": ("alexnet_ray.train.trainer", "Trainer"),
+    "Sweep": ("alexnet_ray.train.sweep", "Sweep"),
     "Config": ("alexnet_ray.train.config", "Config"),
     "load_exported": ("alexnet_ray.export", "load_exported"),
 }

@@ -179,10 +179,12 @@ def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour
             phase = (phase + step) % (on + off)
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, epochs: Sequence[int],
-           series: list[tuple[str, Sequence[float], tuple, bool]], y_min: float | None = None) -> None:
-    """One line chart in `box` (left, top, right, bottom); series = (name, values, colour, dashed).
-    The legend is one row under the title, so it never hides a line."""
+def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, epochs: Sequence[float],
+           series: list[tuple[str, Sequence[float], tuple, bool]], y_min: float | None = None, *,
+           x_label: str = "epoch", lines: bool = True) -> None:
+    """One line chart in `box` (left, top, right, bottom); series = (name, values, colour, dashed), with
+    x = `epochs` (integer ticks), or any numbers when `x_label` is not "epoch" (then `lines=False`
+    draws points only). The legend is one row under the title, so it never hides a line."""
     left, top, right, bottom = box
     font, small = _font(14), _font(12)
     draw.text((left, top), title, fill=INK, font=_font(15))
@@ -212,18 +214,22 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
         _, y = at(e_lo, t)
         draw.line([(plot[0], y), (plot[2], y)], fill=GRID)
         draw.text((plot[0] - 6, y), f"{t:g}", fill=MUTED, font=small, anchor="rm")
-    epoch_ticks = [int(t) for t in _nice_ticks(e_lo, e_hi, 8) if t == int(t) and e_lo <= t <= e_hi] if epochs else []
-    for e in sorted(set(epoch_ticks) | ({min(epochs)} if epochs else set())):
+    if x_label == "epoch":
+        x_ticks = [int(t) for t in _nice_ticks(e_lo, e_hi, 8) if t == int(t) and e_lo <= t <= e_hi] if epochs else []
+        x_ticks = sorted(set(x_ticks) | ({min(epochs)} if epochs else set()))
+    else:
+        x_ticks = [t for t in _nice_ticks(e_lo, e_hi, 6) if e_lo - 1e-9 <= t <= e_hi + 1e-9]
+    for e in x_ticks:
         x, _ = at(e, lo)
         draw.line([(x, plot[3]), (x, plot[3] + 4)], fill=INK)
-        draw.text((x, plot[3] + 6), str(e), fill=MUTED, font=small, anchor="mt")
+        draw.text((x, plot[3] + 6), f"{e:g}", fill=MUTED, font=small, anchor="mt")
     draw.rectangle(plot, outline=INK)
-    draw.text(((plot[0] + plot[2]) / 2, bottom - 14), "epoch", fill=INK, font=font, anchor="mm")
+    draw.text(((plot[0] + plot[2]) / 2, bottom - 14), x_label, fill=INK, font=font, anchor="mm")
     for name, vals, colour, dashed in series:
         points = [at(e, v) for e, v in zip(epochs, vals) if v is not None and math.isfinite(v)]
-        if len(points) > 1:
+        if lines and len(points) > 1:
             (_dashed if dashed else _solid)(draw, points, colour, 2)
-        for x, y in points if len(points) <= 30 else points[-1:]:
+        for x, y in points if len(points) <= 30 or not lines else points[-1:]:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
 
 
@@ -258,6 +264,41 @@ def draw_curves(metrics: list[dict[str, Any]], out: str | os.PathLike, *, title:
     return out
 
 
+def draw_sweep(panels: list[tuple[str, bool, list[tuple[float, float, bool]]]], out: str | os.PathLike, *,
+               title: str = "sweep") -> str:
+    """Write sweep.png: one panel per swept field, each trial's final val top-1 error against its value.
+    panels = (field, log scale, [(value, error, stopped early)]); a log-scale field is drawn against
+    log10(value). Trials that ran every epoch in blue, those stopped early in orange. The drawing is
+    the training curves' (`_panel`). `out` may be a URI. Returns where it was written."""
+    if not panels:
+        raise ValueError("no swept fields to plot")
+    columns = min(2, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    width, panel_h = CURVES_SIZE[0], CURVES_SIZE[1] - 40
+    canvas = Image.new("RGB", (width, 40 + rows * panel_h), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((MARGIN, 10), title, fill=INK, font=_font(17))
+    cell_w = width // columns
+    for i, (name, log_scale, points) in enumerate(panels):
+        r, c = divmod(i, columns)
+        box = (c * cell_w + MARGIN, 40 + r * panel_h, (c + 1) * cell_w - MARGIN, 40 + (r + 1) * panel_h - 6)
+        xs = [math.log10(v) if log_scale else float(v) for v, _, _ in points]
+        done = [e if not stopped else None for _, e, stopped in points]
+        stopped = [e if stopped else None for _, e, stopped in points]
+        _panel(draw, box, f"final val top-1 error vs {name}", xs,
+               [("ran every epoch", done, BLUE, False), ("stopped early", stopped, ORANGE, False)],
+               y_min=0.0, x_label=f"log10({name})" if log_scale else name, lines=False)
+    with tempfile.TemporaryDirectory(prefix="alexnet-sweep-") as tmp:
+        local = Path(tmp) / "sweep.png"
+        canvas.save(local)
+        if storage.is_uri(out):
+            storage.write_bytes_atomic(str(out), local.read_bytes())
+        else:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_bytes(local.read_bytes())
+    return str(out)
+
+
 # --------------------------------------------------------------------------- the job's library call
 
 
@@ -268,6 +309,23 @@ def run_dir_of(checkpoint: Path | str) -> Path | str:
         return storage.parent(directory) if storage.base_name(directory).startswith("checkpoint_") else directory
     directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
     return directory.parent if directory.name.startswith("checkpoint_") else directory
+
+
+def run_pictures(checkpoint: str, run_dir: str, out_dir: str | os.PathLike,
+                 metrics: Sequence[dict[str, Any]] = ()) -> list[Path]:
+    """conv1_kernels.png and curves.png of a run just finished, into the local `out_dir`: what a
+    tracked run logs as artifacts (Trainer(pictures=run_pictures)). `metrics` are epochs the caller
+    holds that the run's metrics files may not have yet (the last one is written as the run ends)."""
+    from alexnet_ray.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    by_epoch = {m.get("epoch"): m for m in read_run_metrics(run_dir)}
+    by_epoch.update({m.get("epoch"): m for m in metrics})
+    name = storage.base_name(run_dir)
+    out = Path(out_dir)
+    return [draw_conv1_kernels(state["model"]["conv1.weight"], out / "conv1_kernels.png",
+                               title=f"conv1 kernels - {name}, epoch {state['epoch']}"),
+            draw_curves([by_epoch[e] for e in sorted(by_epoch)], out / "curves.png", title=f"training curves - {name}")]
 
 
 def visualize(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -36,9 +36,10 @@ def main(argv=None) -> int:
 
     from alexnet_ray.train.metrics import clock
     from alexnet_ray.train.trainer import Trainer
+    from alexnet_ray.visualize import run_pictures
 
     try:
-        result = Trainer(config, address=args.address).fit()
+        result = Trainer(config, address=args.address, pictures=run_pictures).fit()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -114,22 +114,25 @@ def checkpoint_state(w: WorkerState, weights: list[dict], momentum: list[dict], 
     }
 
 
-def save_and_report(state: dict, epoch: int, metrics: dict) -> None:
-    """Write the checkpoint to a temporary directory and hand it to Ray Train with the metrics."""
+def save_and_report(state: dict, epoch: int, metrics: dict) -> str:
+    """Write the checkpoint to a temporary directory and hand it to Ray Train with the metrics;
+    returns the checkpoint directory's name in the run directory."""
     remove_stale_checkpoint_dirs()
+    name = checkpoint_dir_name(epoch + 1)
     with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_TMP_PREFIX}{os.getpid()}-") as tmp:
         save_checkpoint(tmp, state)
         fault_injection.point("checkpoint", epoch)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_dir_name(epoch + 1))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    return name
 
 
-def report_epoch(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> None:
-    """Every worker reports (Ray's barrier); replica 0's tower 0 assembles and writes the checkpoint."""
+def report_epoch(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int) -> str | None:
+    """Every worker reports (Ray's barrier); replica 0's tower 0 assembles and writes the checkpoint
+    (and returns its directory's name; None elsewhere)."""
     tower = w.model.tower
     if w.groups.replica != 0:  # replicas hold identical weights; replica 0's pair assembles them
         ray.train.report(metrics, checkpoint=None)
-        return
+        return None
     # Gathered where they live: NCCL moves only CUDA tensors. Merged copies go to the CPU.
     timeout = w.config.parallel.exchange_timeout_s
     fault_injection.point("gather", epoch)
@@ -139,5 +142,5 @@ def report_epoch(w: WorkerState, epoch: int, metrics: dict, manifest, rank: int)
                                         f"epoch {epoch + 1} checkpoint momentum", timeout)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
-        return
-    save_and_report(checkpoint_state(w, weights, momentum, epoch, metrics, manifest), epoch, metrics)
+        return None
+    return save_and_report(checkpoint_state(w, weights, momentum, epoch, metrics, manifest), epoch, metrics)

@@ -16,6 +16,7 @@ from alexnet_ray.checkpoint import CheckpointError, load_checkpoint
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.model import AlexNet
 from alexnet_ray.train.config import Config, ConfigError, validate_config
+from alexnet_ray.train.tracking import check_tracking
 
 TRAINING_SPLITS = ("train", "val")
 
@@ -24,6 +25,7 @@ def check_inputs(config: Config) -> None:
     """ConfigError naming the first bad input; None when the run may start (cluster resources are
     checked once connected, by `validate_config(..., cluster_resources=...)`)."""
     validate_config(config, check_data=True)
+    check_tracking(config)
     check_dataset(config)
     check_resume_from(config)
 

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from alexnet_ray import ray_cluster, storage
-from alexnet_ray.train import failures, fault_injection, tensorboard
+from alexnet_ray.train import failures, fault_injection, tensorboard, tracking
 from alexnet_ray.train.config import Config, copy_config, validate_config
 from alexnet_ray.train.metrics import mean_images_per_s, read_metrics_files, write_metrics_file
 from alexnet_ray.train.preflight import check_inputs
@@ -113,13 +113,19 @@ def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
 class Trainer:
     """Trains the configured AlexNet with one Ray Train worker per tower per replica."""
 
-    def __init__(self, config: Config, *, address: str | None = None):
+    def __init__(self, config: Config, *, address: str | None = None, callbacks: list[UserCallback] | None = None,
+                 pictures=None):
         self.config = config
+        # pictures(checkpoint, run_dir, out_dir, metrics) -> paths: drawn on rank 0 at the end for the
+        # tracker (jobs pass alexnet_ray.visualize.run_pictures; train/ may not import the pictures)
+        self.pictures = pictures
         self.address = address or os.environ.get("RAY_ADDRESS")
+        self.callbacks = list(callbacks or [])  # more Ray Train callbacks (a sweep's TuneReportCallback)
         validate_config(config, check_data=False)  # fail before any Ray work
 
-    def connect(self) -> None:
-        """Join the configured cluster, or start this run's local one; nothing when Ray is up."""
+    def connect(self, num_cpus: int | None = None) -> None:
+        """Join the configured cluster, or start this run's local one (`num_cpus` logical CPUs, by
+        default room for this run); nothing when Ray is up."""
         # A local cluster gets logical CPUs beyond the cores, so Ray Data tasks run beside the
         # workers; its processes die with this driver (Ray's fate-sharing), so a restarted driver
         # starts clean.
@@ -127,7 +133,7 @@ class Trainer:
             # Nothing preempts a cluster on this machine, and Ray Train's preemption watcher logs a
             # core_worker error on every start; the driver's setting reaches the controller.
             os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-        ray_cluster.connect(self.address, num_cpus=local_cluster_cpus(self.config))
+        ray_cluster.connect(self.address, num_cpus=num_cpus or local_cluster_cpus(self.config))
 
     @property
     def cpus_per_worker(self) -> float:
@@ -139,7 +145,7 @@ class Trainer:
             return ray.cluster_resources().get("GPU", 0) > 0
         return choice == "true"
 
-    def _resolve_data(self) -> Config:
+    def resolved_config(self) -> Config:
         """The config with data.path set: the given dataset, or the embedded demo prepared once."""
         config = copy_config(self.config)
         if config.data.path is None:
@@ -161,7 +167,7 @@ class Trainer:
         bad input, RunCannotRecoverError when a restart could not help, ray.train errors otherwise."""
         check_inputs(self.config)  # the dataset and the checkpoint to start from, before Ray starts
         self.connect()
-        config = self._resolve_data()
+        config = self.resolved_config()
         validate_config(config, cluster_resources=ray.cluster_resources(), check_data=True)
         p, run = config.parallel, config.run
         use_gpu = self._use_gpu()
@@ -171,7 +177,9 @@ class Trainer:
         if "runtime_resources" in storage_dir:  # e.g. a relative --storage under `ray job submit --working-dir`
             print(f"warning: {storage_dir} is inside Ray's temporary copy of the working directory; it is "
                   "removed with the cluster (give --storage an absolute path or a bucket URI)", flush=True)
-        loop_config = {"config": config.to_dict(), "base_lr": config.effective_lr()}
+        loop_config = {"config": config.to_dict(), "base_lr": config.effective_lr(), "run_dir": run_dir,
+                       "tracking_env": tracking.tracking_env() if run.tracking != "none" else {},
+                       "pictures": self.pictures}
         loop = train_worker
         fault_plan = fault_injection.plan_from_environment()  # tests only; None in normal runs
         if fault_plan:
@@ -192,7 +200,7 @@ class Trainer:
                 storage_path=storage_dir,
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
-                callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable()],
+                callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable(), *self.callbacks],
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress lines, not Ray's per-report INFO
             ),
         )

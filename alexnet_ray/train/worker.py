@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -20,6 +21,7 @@ import ray
 import ray.train
 import ray.train.torch
 
+from alexnet_ray import storage
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.model import AlexNet, Tower, split_state_dict
@@ -36,6 +38,7 @@ from alexnet_ray.train.precision import LossScaler, device_capability, resolve_p
 from alexnet_ray.train.ray_logs import quiet_ray_logs
 from alexnet_ray.train.schedule import make_lr_schedule
 from alexnet_ray.train.worker_state import WorkerState
+from alexnet_ray.train.tracking import open_tracker
 
 
 def _set_determinism(config: Config, cpus: float) -> None:
@@ -145,6 +148,10 @@ def train_worker(loop_config: dict) -> None:
     manifest = load_manifest(config.data.path)
     tools = epoch_tools(w, manifest)
     early = None  # tower 0: the next epoch's loader, started before this epoch's evaluation
+    run_storage = ray.train.get_context().get_storage()
+    tracker = open_tracker(config, tools.rank, run_storage.experiment_fs_path, run_storage.storage_filesystem,
+                           loop_config.get("tracking_env"))
+    logged, checkpoint = [], None
     for epoch in range(w.start_epoch, config.run.epochs):
         lr = w.schedule.lr(epoch)
         for group in w.optimizer.param_groups:
@@ -163,7 +170,23 @@ def train_worker(loop_config: dict) -> None:
         metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads}
         if tools.rank == 0:
             print_epoch_summary(metrics, config.run.epochs, tools.progress.run_clock(epoch, 1.0))
-        report_epoch(w, epoch, metrics, manifest, tools.rank)
+        tracker.log_epoch(metrics)  # before the report: a run killed in between logs this epoch again
+        logged.append(metrics)
+        checkpoint = report_epoch(w, epoch, metrics, manifest, tools.rank) or checkpoint
+    finish_tracking(tracker, loop_config, checkpoint, logged)
+
+
+def finish_tracking(tracker, loop_config: dict, checkpoint: str | None, metrics: list[dict]) -> None:
+    """Rank 0, the run done: the pictures (drawn by loop_config["pictures"], when the caller gave one)
+    and the final checkpoint's path go to the tracker."""
+    if tracker.run_id is None:
+        return
+    run_dir = loop_config["run_dir"]
+    final = storage.join(run_dir, checkpoint) if checkpoint else None
+    draw = loop_config.get("pictures")
+    with tempfile.TemporaryDirectory(prefix="alexnet-tracked-") as tmp:
+        pictures = [str(p) for p in draw(final, run_dir, tmp, metrics)] if draw and final else []
+        tracker.finish(final, pictures)
 
 
 def train_one_epoch(w: WorkerState, tools: EpochTools, epoch: int, early: EarlyStart | None

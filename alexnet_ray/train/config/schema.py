@@ -88,6 +88,11 @@ class RunConfig:
     resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (alexnet_ray/train/precision.py)
     compile: bool = False  # torch.compile each tower stage (exchanges stay outside the compiled graphs)
+    # An experiment tracker, logged from rank 0 (alexnet_ray/train/tracking.py); credentials from its env vars
+    tracking: str = "none"  # none | mlflow | wandb
+    tracking_uri: str | None = None  # MLflow's server; None = $MLFLOW_TRACKING_URI
+    tracking_project: str | None = None  # MLflow experiment / W&B project; None = "alexnet-ray"
+    tracking_group: str | None = None  # a sweep's name: its trials' tracker runs are grouped by it
 
 
 SECTIONS: dict[str, type] = {
@@ -108,6 +113,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.kind": SCHEDULE_KINDS,
     "parallel.use_gpu": ("auto", "true", "false"),
     "run.precision": PRECISIONS,
+    "run.tracking": ("none", "mlflow", "wandb"),
 }
 
 
