@@ -27,7 +27,20 @@ CLUTTER = [".venv/bin/python", "data/imagenet/manifest.json", "runs/demo-1/check
            "alexnet_ray/__pycache__/x.cpython-311.pyc", "alexnet_ray.egg-info/PKG-INFO",
            "build/lib/x.py", "dist/alexnet_ray-0.1.0.whl", ".pytest_cache/v/x"]
 
-needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed (apt-get install rsync)")
+
+@pytest.fixture
+def rsync():
+    """rsync, installed as the SSH-node tests install their tools (as root, on Debian) when missing:
+    a fresh CI machine lacks it until test_ray_up, which runs later, would have put it there."""
+    if shutil.which("rsync") is None and os.geteuid() == 0:
+        import ssh_node
+
+        ssh_node.install_tools()
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (apt-get install rsync)")
+
+
+needs_rsync = pytest.mark.usefixtures("rsync")
 
 
 def tracked_files() -> list[str]:
@@ -83,10 +96,9 @@ def test_the_sync_check_can_fail(checkout, tmp_path):
     assert "alexnet_ray/data/pipeline.py" not in arrived and "alexnet_ray/model/network.py" in arrived
 
 
+@needs_rsync
 def test_the_real_checkout_syncs_its_package(tmp_path):
     """This checkout itself (what `ray up` run from here would send), if rsync is here."""
-    if shutil.which("rsync") is None:
-        pytest.skip("rsync is not installed")
     config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
     arrived = synced(config, REPO, tmp_path / "node")
     package = {f for f in tracked_files() if f.startswith(("alexnet_ray/", "jobs/"))}
