@@ -32,10 +32,10 @@ def is_uri(location: str | os.PathLike) -> bool:
 
 
 def _s3(bucket: str) -> pafs.FileSystem:
-    # Our policy retries for minutes; pyarrow's own retries (3 attempts in under a second by
-    # default) would only multiply the requests. Synchronous writes: the retrying wrapper uploads
-    # in the caller's thread, which may itself be one of Arrow's I/O threads (copy_files).
-    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2), "background_writes": False}
+    # Our policy retries, for minutes; pyarrow's own retries (3 attempts in under a second by
+    # default) would only multiply the requests, so it makes one. Synchronous writes: the retrying
+    # wrapper uploads in the caller's thread, which may itself be one of Arrow's I/O threads.
+    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1), "background_writes": False}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:  # AWS itself: the bucket's region
         return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), **options)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import posixpath
 import random
 import re
 import sys
@@ -142,8 +141,9 @@ class _Episodes:
                 return
             line = None if gave_up else self._line()
             self._reset()
-        if line:
-            print(line, file=sys.stderr, flush=True)
+        if line:  # not print: Ray Train's workers echo a print, which would double the line
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
 
     def _line(self) -> str:
         uris = sorted(self.uris)
@@ -155,9 +155,7 @@ class _Episodes:
 
 
 def _common_prefix(uris: list[str]) -> str:
-    scheme, _, first = uris[0].partition("://")
-    common = posixpath.commonpath([u.partition("://")[2] for u in uris]) or first.split("/")[0]
-    return f"{scheme}://{common}/…"
+    return os.path.commonprefix(uris) + "…"
 
 
 EPISODES = _Episodes()
