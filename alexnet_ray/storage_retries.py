@@ -123,9 +123,10 @@ class _Episodes:
     def _reset(self) -> None:
         self.retrying, self.failures, self.started, self.uris, self.kinds, self.labels = 0, 0, None, set(), set(), []
 
-    def failed(self, uri: str, kind: str, label: str, first: bool) -> None:
+    def failed(self, uri: str, kind: str, label: str, first: bool, since: float) -> None:
+        """A request failed; `since`: when it was first sent (a read timeout fails seconds later)."""
         with self.lock:
-            self.started = time.monotonic() if self.started is None else self.started
+            self.started = since if self.started is None else min(self.started, since)
             self.retrying += first
             self.failures += 1
             self.uris.add(uri)
@@ -179,7 +180,7 @@ def call(fn, uri: str, kind: str, budget: float):
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise StorageRetryError(f"storage: {uri}: {first} (retried for {waited:.1f} s, the budget "
                                         f"run.storage_retry_s={budget:g})") from None
-            EPISODES.failed(uri, kind, label, first=attempt == 0)
+            EPISODES.failed(uri, kind, label, first=attempt == 0, since=started)
             delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** attempt) * _jitter.uniform(0.5, 1.0)
             time.sleep(min(delay, max(0.0, budget - waited)))
             attempt += 1

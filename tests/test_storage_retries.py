@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_bucket, run_job, tiny_config
+from conftest import S3_FAULTS, make_bucket, run_job, tiny_config
 
 from alexnet_ray import storage, storage_retries
 from alexnet_ray.checkpoint import load_checkpoint
@@ -39,8 +39,8 @@ def dataset(s3_endpoint, tmp_path_factory):
     bucket = make_bucket(BUCKET)
     raw = write_demo_dataset(tmp_path_factory.mktemp("raw") / "raw", seed=0, train_per_class=20, val_per_class=5)
     storage.upload_dir(raw, f"{bucket}/src")
-    prepare_dataset(raw, f"{bucket}/data", progress=False, **PREPARE)
-    return {"raw": raw, "data": f"{bucket}/data", "runs": f"{bucket}/runs"}
+    prepare_dataset(f"{bucket}/src", f"{bucket}/data", progress=False, **PREPARE)
+    return {"src": f"{bucket}/src", "data": f"{bucket}/data", "runs": f"{bucket}/runs"}
 
 
 def _config(dataset, name, towers, replicas, *overrides):
@@ -169,21 +169,31 @@ def test_training_through_a_10s_503_window_1x2(dataset, baselines, s3_faults):
           f"{'; '.join(line for lines in found.values() for line in lines)}")
 
 
-def test_training_through_resets_and_a_throttled_checkpoint_upload_2x1(dataset, baselines, s3_faults):
-    """2 towers x 1 replica: train GETs are cut mid-body for 4 s mid-epoch, and the epoch's
-    checkpoint upload meets 503 SlowDown for 10 s; the checkpoint completes and loads, with the
-    undisturbed run's first-epoch weights."""
+@pytest.fixture(scope="module")
+def blip_2x1(dataset, baselines):
+    """The first epoch of a 2 towers x 1 replica run, through its faults: train GETs cut mid-body
+    for 4 s mid-epoch, the epoch's checkpoint upload answered 503 SlowDown for 10 s."""
+    faults = S3_FAULTS[0]
+    faults.clear()
     before = _worker_log_lines()
-    s3_faults.add("reset", method="GET", contains=f"/{BUCKET}/data/train", seconds=4, skip=3)
-    throttled = s3_faults.add("503", method="PUT", contains=f"/{BUCKET}/runs/blip-2x1/checkpoint_epoch_0001",
-                              seconds=10)
-    result = _train(dataset, "blip-2x1", 2, 1, "run.epochs=1", "parallel.exchange_timeout_s=5")
+    faults.add("reset", method="GET", contains=f"/{BUCKET}/data/train", seconds=4, skip=3)
+    throttled = faults.add("503", method="PUT", contains=f"/{BUCKET}/runs/blip-2x1/checkpoint_epoch_0001",
+                           seconds=10)
+    try:
+        result = _train(dataset, "blip-2x1", 2, 1, "run.epochs=1", "parallel.exchange_timeout_s=5")
+    finally:
+        faults.clear()
+    return {"result": result, "throttled": throttled, "episodes": _new_episode_lines(before, _worker_log_lines())}
+
+
+def test_training_through_resets_and_a_throttled_checkpoint_upload_2x1(blip_2x1, baselines):
+    """The checkpoint completes and loads, with the undisturbed run's first-epoch weights."""
+    result, throttled, found = blip_2x1["result"], blip_2x1["throttled"], blip_2x1["episodes"]
     base = baselines[(2, 1)]
     assert throttled.hits >= 2 and throttled.closed
     assert result.checkpoint_uri == f"{result.run_uri}/checkpoint_epoch_0001"
     assert _losses(result.run_uri) == _losses(base.run_uri, epochs=1)
     _assert_same_weights(_weights(result.checkpoint_uri), _weights(f"{base.run_uri}/checkpoint_epoch_0001"))
-    found = _new_episode_lines(before, _worker_log_lines())
     _assert_one_line_per_episode(found, "a connection closed mid-body", f"s3://{BUCKET}/data/train")
     _assert_one_line_per_episode(found, "503 SlowDown", f"s3://{BUCKET}/runs/blip-2x1/checkpoint_epoch_0001")
 
@@ -199,7 +209,7 @@ def _objects(root: str) -> dict[str, bytes]:
 def test_prepare_under_faults_writes_the_same_shards_and_manifest(dataset, s3_faults):
     """The source in the bucket: its GETs are cut mid-body for 3 s, and the shard PUTs answer 503
     for 3 s; the shards and manifest are those of the undisturbed prepare of the same images."""
-    src, out = f"s3://{BUCKET}/src", f"s3://{BUCKET}/prepared-under-faults"
+    src, out = dataset["src"], f"s3://{BUCKET}/prepared-under-faults"
     gets = s3_faults.add("reset", method="GET", contains=f"/{BUCKET}/src/", seconds=3, skip=20)
     puts = s3_faults.add("503", method="PUT", contains=f"/{BUCKET}/prepared-under-faults/", seconds=3, skip=2)
     faulted = prepare_dataset(src, out, progress=False, **PREPARE)
@@ -223,17 +233,21 @@ def test_evaluate_under_faults_gives_the_same_figures(dataset, baselines, s3_fau
 
 # ---- past the budget -----------------------------------------------------------------------------
 
-def test_an_outage_past_the_budget_ends_the_run_in_one_line_and_the_rerun_resumes(dataset, baselines,
+def test_an_outage_past_the_budget_ends_the_run_in_one_line_and_the_rerun_resumes(dataset, baselines, blip_2x1,
                                                                                     s3_faults, capsys, monkeypatch):
-    """The second epoch's checkpoint upload meets 503s for longer than run.storage_retry_s=2: the
-    job says so in one line, exits non-zero, leaves no checkpoint_epoch_0002; a re-run resumes from
-    the first epoch's checkpoint and ends with the undisturbed run's weights."""
-    name, runs = "outage", dataset["runs"]
+    """The 2x1 run goes on to its second epoch, whose checkpoint upload meets 503s for longer than
+    run.storage_retry_s=2: the job says so in one line, exits non-zero, leaves no
+    checkpoint_epoch_0002; a re-run resumes from the first epoch's checkpoint and ends with the
+    undisturbed run's losses and weights."""
+    name, runs = "blip-2x1", dataset["runs"]
     monkeypatch.setattr(storage_retries, "_budget", [storage_retries.retry_budget()])  # fit() sets this process's
     s3_faults.add("503", method="PUT", contains=f"/{BUCKET}/runs/{name}/checkpoint_epoch_0002")
     argv = ["train", "--preset", "tiny", "--data", dataset["data"], "--storage", runs, "--name", name,
-            "--set", "parallel.towers=2", "--set", "parallel.replicas=1", "--set", "run.storage_retry_s=2"]
+            "--set", "parallel.towers=2", "--set", "parallel.replicas=1", "--set", "run.storage_retry_s=2",
+            "--set", "parallel.exchange_timeout_s=5"]
+    started = time.monotonic()
     code, out, err = run_job(capsys, *argv)
+    failed_after = time.monotonic() - started
     assert code != 0
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: training failed: storage: s3://{BUCKET}/runs/{name}/checkpoint_epoch_0002"
@@ -242,8 +256,11 @@ def test_an_outage_past_the_budget_ends_the_run_in_one_line_and_the_rerun_resume
     assert not [i for i in storage.list_dir(f"{runs}/{name}/checkpoint_epoch_0002", recursive=True)
                 if i.type.name == "File"]  # whole or absent: absent
     s3_faults.clear()
+    started = time.monotonic()
     code, out, err = run_job(capsys, *argv)
     assert code == 0, err
+    with capsys.disabled():
+        print(f"\noutage: the job failed after {failed_after:.1f} s, the re-run took {time.monotonic() - started:.1f} s")
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["checkpoint"] == f"{runs}/{name}/checkpoint_epoch_0002"
     assert load_checkpoint(summary["checkpoint"])["epoch"] == 2
@@ -257,7 +274,7 @@ def test_a_prepare_outage_past_the_budget_leaves_no_partial_shard_and_the_rerun_
     out = f"s3://{BUCKET}/prepared-outage"
     monkeypatch.setattr(storage_retries, "_budget", [2.0])
     s3_faults.add("503", method="PUT", contains=f"/{BUCKET}/prepared-outage/val-")
-    code, _, err = run_job(capsys, "prepare", str(dataset["raw"]), out, "--layout", "folder", "--size", "73",
+    code, _, err = run_job(capsys, "prepare", dataset["src"], out, "--layout", "folder", "--size", "73",
                            "--shard-mb", "0.05", "--row-group-rows", "16")
     assert code == 1
     last = err.strip().splitlines()[-1]
@@ -266,7 +283,36 @@ def test_a_prepare_outage_past_the_budget_leaves_no_partial_shard_and_the_rerun_
     names = [i.base_name for i in storage.list_dir(out)]
     assert "manifest.json" not in names and not [n for n in names if n.startswith("val-")]
     s3_faults.clear()
-    code, _, err = run_job(capsys, "prepare", str(dataset["raw"]), out, "--layout", "folder", "--size", "73",
+    code, _, err = run_job(capsys, "prepare", dataset["src"], out, "--layout", "folder", "--size", "73",
                            "--shard-mb", "0.05", "--row-group-rows", "16")
     assert code == 0, err
     assert _objects(out) == _objects(dataset["data"])
+
+
+# ---- what counts as transient -----------------------------------------------------------------------
+
+# pyarrow's own texts, as seen from the faulty server above (and curl's for a refused connection)
+PYARROW_ERRORS = [
+    ("AWS Error SERVICE_UNAVAILABLE during GetObject operation: ", "503 SlowDown"),
+    ("When uploading part for key 'y.bin' in bucket 'b': AWS Error SLOW_DOWN during UploadPart operation: "
+     "Please reduce your request rate.", "503 SlowDown"),
+    ("When getting information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 503) during "
+     "HeadObject operation: No response body.", "503 SlowDown"),
+    ("AWS Error UNKNOWN (HTTP status 502) during GetObject operation: ", "a server error (5xx)"),
+    ("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 18, Transferred a partial file",
+     "a connection closed mid-body"),
+    ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 28, Timeout was reached",
+     "a read timeout"),
+    ("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, Couldn't connect to server",
+     "a connection refused"),
+    ("AWS Error ACCESS_DENIED during GetObject operation: Access Denied", None),
+    ("When getting information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 403) during "
+     "HeadObject operation: No response body.", None),
+    ("Parquet magic bytes not found in footer", None),
+]
+
+
+@pytest.mark.parametrize("text,label", PYARROW_ERRORS, ids=[t[:40] for t, _ in PYARROW_ERRORS])
+def test_which_errors_are_retried(text, label):
+    assert storage_retries.transient(OSError(text)) == label
+    assert storage_retries.transient(FileNotFoundError(text)) is None  # a 404 never is
