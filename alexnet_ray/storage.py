@@ -4,9 +4,10 @@ Every place that reads or writes a dataset, a checkpoint, a run or an export goe
 `resolve(location)` gives (pyarrow filesystem, path on it), and the helpers below cover the few
 operations the project needs. A remote filesystem comes wrapped in the one retry policy
 (alexnet_ray.storage_retries): transient errors are retried for `storage_retries.retry_budget()`
-seconds, writes are uploaded whole; Ray Train is handed the same wrapped filesystem. S3-compatible endpoints (MinIO, Ceph, R2, a test server) come from
-the standard AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3); credentials come from the usual AWS/GCP
-sources and never appear in configs, URIs we print, or logs.
+seconds, writes are uploaded whole; Ray Train is handed the same wrapped filesystem.
+S3-compatible endpoints (MinIO, Ceph, R2, a test server) come from the standard AWS_ENDPOINT_URL
+(or AWS_ENDPOINT_URL_S3); credentials come from the usual AWS/GCP sources and never appear in
+configs, URIs we print, or logs.
 """
 
 from __future__ import annotations

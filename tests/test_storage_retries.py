@@ -251,7 +251,8 @@ def test_an_outage_past_the_budget_ends_the_run_in_one_line_and_the_rerun_resume
     assert code != 0
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: training failed: storage: s3://{BUCKET}/runs/{name}/checkpoint_epoch_0002"
-                        r"(/\S+)?: .*SLOW_DOWN.*\(retried for [\d.]+ s, the budget run\.storage_retry_s=2\)", last), last
+                        r"(/\S+)?: .*SLOW_DOWN.*\(retried for [\d.]+ s, the budget run\.storage_retry_s=2\)",
+                        last), last
     assert storage.is_file(f"{runs}/{name}/checkpoint_epoch_0001/checkpoint.pt")
     assert not [i for i in storage.list_dir(f"{runs}/{name}/checkpoint_epoch_0002", recursive=True)
                 if i.type.name == "File"]  # whole or absent: absent
@@ -260,7 +261,8 @@ def test_an_outage_past_the_budget_ends_the_run_in_one_line_and_the_rerun_resume
     code, out, err = run_job(capsys, *argv)
     assert code == 0, err
     with capsys.disabled():
-        print(f"\noutage: the job failed after {failed_after:.1f} s, the re-run took {time.monotonic() - started:.1f} s")
+        print(f"\noutage: the job failed after {failed_after:.1f} s, the re-run took "
+              f"{time.monotonic() - started:.1f} s")
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["checkpoint"] == f"{runs}/{name}/checkpoint_epoch_0002"
     assert load_checkpoint(summary["checkpoint"])["epoch"] == 2

@@ -168,8 +168,8 @@ class Config:
         exchanges and gradient sums a read-ahead can hold up): the partner's reads may retry for
         run.storage_retry_s, then the exchange has its own parallel.exchange_timeout_s."""
         r, p = self.run, self.parallel
-        return WaitLimit(r.storage_retry_s + p.exchange_timeout_s,
-                         f"run.storage_retry_s={r.storage_retry_s:g} + parallel.exchange_timeout_s={p.exchange_timeout_s:g}")
+        made_of = f"run.storage_retry_s={r.storage_retry_s:g} + parallel.exchange_timeout_s={p.exchange_timeout_s:g}"
+        return WaitLimit(r.storage_retry_s + p.exchange_timeout_s, made_of)
 
     def effective_lr(self) -> float:
         """optimizer.lr scaled from optimizer.base_batch_size to data.global_batch_size (the replica
