@@ -2,9 +2,12 @@
 
 Every place that reads or writes a dataset, a checkpoint, a run or an export goes through here:
 `resolve(location)` gives (pyarrow filesystem, path on it), and the helpers below cover the few
-operations the project needs. S3-compatible endpoints (MinIO, Ceph, R2, a test server) come from
-the standard AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3); credentials come from the usual AWS/GCP
-sources and never appear in configs, URIs we print, or logs.
+operations the project needs. A remote filesystem comes wrapped in the one retry policy
+(alexnet_ray.storage_retries): transient errors are retried for `storage_retries.retry_budget()`
+seconds, writes are uploaded whole; Ray Train is handed the same wrapped filesystem.
+S3-compatible endpoints (MinIO, Ceph, R2, a test server) come from the standard AWS_ENDPOINT_URL
+(or AWS_ENDPOINT_URL_S3); credentials come from the usual AWS/GCP sources and never appear in
+configs, URIs we print, or logs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from alexnet_ray import storage_retries
+
 _TMP_MARK = ".tmp-"  # a local file being written: NAME.tmp-<random>, renamed to NAME when whole
 
 
@@ -27,21 +32,27 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
-def _s3(uri: str, path: str) -> tuple[pafs.FileSystem, str]:
+def _s3(bucket: str) -> pafs.FileSystem:
+    # Our policy retries, for minutes; pyarrow's own retries (3 attempts in under a second by
+    # default) would only multiply the requests, so it makes one. Synchronous writes: the retrying
+    # wrapper uploads in the caller's thread, which may itself be one of Arrow's I/O threads.
+    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1), "background_writes": False}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:  # AWS itself: from_uri finds the bucket's region
-        return pafs.FileSystem.from_uri(uri)
+    if not endpoint:  # AWS itself: the bucket's region
+        return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), **options)
     # pyarrow 26 honours AWS_ENDPOINT_URL itself; passing it keeps older versions right too.
     scheme, _, host = endpoint.rpartition("://")
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    return pafs.S3FileSystem(endpoint_override=host, scheme=scheme or "https", region=region), path
+    return pafs.S3FileSystem(endpoint_override=host, scheme=scheme or "https", region=region, **options)
 
 
 @functools.lru_cache(maxsize=64)
-def _remote(scheme: str, bucket: str, endpoint: str | None) -> pafs.FileSystem:
-    """One filesystem object per bucket (and endpoint) per process: readers call resolve() per file."""
+def _remote(scheme: str, bucket: str, endpoint: str | None, budget: float) -> pafs.FileSystem:
+    """One filesystem object per bucket (and endpoint, and budget) per process: readers call
+    resolve() per file."""
     uri = f"{scheme}://{bucket}/"
-    return _s3(uri, bucket)[0] if scheme == "s3" else pafs.FileSystem.from_uri(uri)[0]
+    fs = _s3(bucket) if scheme == "s3" else pafs.FileSystem.from_uri(uri)[0]
+    return pafs.PyFileSystem(storage_retries.RetryingHandler(fs, scheme, budget))
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -59,7 +70,7 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     path = rest.rstrip("/") or bucket
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     try:
-        return _remote(scheme, bucket, endpoint), path
+        return _remote(scheme, bucket, endpoint, storage_retries.retry_budget()), path
     except (pa.ArrowException, ValueError, OSError) as error:
         raise ValueError(f"{text}: cannot open this location ({str(error).splitlines()[0]})") from None
 

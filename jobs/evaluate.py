@@ -44,6 +44,13 @@ def main(argv=None) -> int:
     except ValueError as e:  # CheckpointError, DatasetMismatchError, bad manifest, bad arguments
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # storage failing past ALEXNET_RAY_STORAGE_RETRY_S: its one line
+        from alexnet_ray.storage_retries import gave_up_line
+
+        if gave_up_line(e) is None:
+            raise
+        print(f"error: {gave_up_line(e)}", file=sys.stderr)
+        return 1
     print(format_summary(result))
     print(json.dumps(result))
     return 0

@@ -74,6 +74,13 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # storage failing past ALEXNET_RAY_STORAGE_RETRY_S: its one line
+        from alexnet_ray.storage_retries import gave_up_line
+
+        if gave_up_line(error) is None:
+            raise
+        print(f"prepare: {gave_up_line(error)}", file=sys.stderr)
+        return 1
     return 0
 
 

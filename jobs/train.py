@@ -44,8 +44,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # TrainingFailedError and friends: say why, exit non-zero
+        from alexnet_ray.storage_retries import gave_up_line
+
         cause = e.__cause__ or e
-        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print(f"error: training failed: {gave_up_line(e) or f'{type(cause).__name__}: {cause}'}", file=sys.stderr)
         return 1
     metrics = result.metrics or {}
     summary = {

@@ -133,6 +133,7 @@ class GetBytes:
 
 
 S3_GETS: list = []  # the session's S3 server's GetBytes, once s3_endpoint has started it
+S3_FAULTS: list = []  # and its faulty_s3.Faults (no rules: the server is moto's)
 
 
 @pytest.fixture
@@ -140,6 +141,14 @@ def s3_get_bytes(s3_endpoint):
     """The GET body bytes the session's S3 server has sent, per path (GetBytes), reset for the test."""
     S3_GETS[0].reset()
     return S3_GETS[0]
+
+
+@pytest.fixture
+def s3_faults(s3_endpoint):
+    """The session's S3 server's faulty_s3.Faults, without rules before and after the test."""
+    S3_FAULTS[0].clear()
+    yield S3_FAULTS[0]
+    S3_FAULTS[0].clear()
 
 
 @pytest.fixture(scope="session")
@@ -153,8 +162,11 @@ def s3_endpoint():
 
     class CountingMotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:  # ThreadedMotoServer's, with the app wrapped
-            app = GetBytes(threaded_moto_server.DomainDispatcherApplication(threaded_moto_server.create_backend_app))
-            S3_GETS[:] = [app]
+            from faulty_s3 import Faults
+
+            faults = Faults(threaded_moto_server.DomainDispatcherApplication(threaded_moto_server.create_backend_app))
+            app = GetBytes(faults)
+            S3_GETS[:], S3_FAULTS[:] = [app], [faults]
             self._server = threaded_moto_server.make_server(self._ip_address, self._port, app, True,
                                                            request_handler=threaded_moto_server.MotoRequestHandler)
             self._server_ready_event.set()

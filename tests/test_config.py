@@ -115,6 +115,7 @@ BAD_OVERRIDES = [
     (["model.num_classes=1000"], "the embedded demo dataset has 10 classes"),
     (["schedule.warmup_epochs=2"], "schedule.warmup_epochs=2: must be less than run.epochs=2"),
     (["run.name=a/b"], "run.name='a/b'"),
+    (["run.storage_retry_s=-1"], "run.storage_retry_s=-1.0: must be >= 0 seconds"),
     (["width=1"], "expected section.key=value"),
 ]
 

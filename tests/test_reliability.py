@@ -104,7 +104,8 @@ def faulted(prepared_demo, tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("faulted")
     plan = fault_injection.write_plan(root / "faults" / "plan.json", PLAN)
     config = tiny_config(prepared_demo, root, "run.name=faulted", f"run.max_failures={len(PLAN) + 2}",
-                         f"parallel.exchange_timeout_s={EXCHANGE_TIMEOUT_S}")
+                         f"parallel.exchange_timeout_s={EXCHANGE_TIMEOUT_S}",
+                         "run.storage_retry_s=0")  # local data: the waits are the exchange timeout alone
     os.environ[fault_injection.PLAN_ENV_VAR] = str(plan)
     try:
         with Killer(plan) as killer:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from alexnet_ray import storage
+from alexnet_ray import storage, storage_retries
 from alexnet_ray.data.augment import augment_eval, augment_train
 from alexnet_ray.data.manifest import Manifest, load_manifest
 from alexnet_ray.data.shards import ReadCount, ShardIndex, chunk_ranges, parse_footer
@@ -247,7 +247,7 @@ def _blocks(items: list[dict], task, fn_kwargs: dict, prefetch: int, columns: di
     # Without: +50% images per wall-second, +6% per CPU-second, the same peak memory; Ray Data's
     # global object-store limit still bounds what is queued.
     context.op_resource_reservation_enabled = False
-    dataset = dataset.map_batches(task, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs,
+    dataset = dataset.map_batches(storage_retries.carrying_budget(task), batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs,
                                   num_cpus=1, zero_copy_batch=True)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
         numbers = table.column("batch").to_numpy()

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops
 
-from alexnet_ray import ray_cluster, storage
+from alexnet_ray import ray_cluster, storage, storage_retries
 from alexnet_ray.data.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImageError, convert_image, encode_jpeg
 from alexnet_ray.data.formats import list_source
 from alexnet_ray.data.manifest import MANIFEST_NAME, Manifest
@@ -246,7 +246,7 @@ def _run_shards(plans: list[ShardPlan], out: str, size: int, max_pixels: int, fa
         return
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=3)(write_shard)  # a killed worker's shard is redone
+    task = ray.remote(num_cpus=1, max_retries=3)(storage_retries.carrying_budget(write_shard))  # a killed worker's shard is redone
     pending = {task.remote(plan, out, size, max_pixels, fail): plan for plan in plans}
     try:
         while pending:

@@ -116,7 +116,9 @@ def map_tasks(function: Callable, calls: list[tuple], use_ray: bool) -> list:
         return [function(*call) for call in calls]
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=3)(function)
+    from alexnet_ray.storage_retries import carrying_budget
+
+    task = ray.remote(num_cpus=1, max_retries=3)(carrying_budget(function))
     try:
         return ray.get([task.remote(*call) for call in calls])
     except ray.exceptions.RayTaskError as error:

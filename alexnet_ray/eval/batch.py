@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet_ray import ray_cluster
+from alexnet_ray import ray_cluster, storage_retries
 from alexnet_ray.checkpoint import load_checkpoint
 from alexnet_ray.data.augment import augment_eval
 from alexnet_ray.data.manifest import load_manifest
@@ -142,7 +142,7 @@ def evaluate(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, *, spli
     dataset = ray.data.from_items([{"start": a, "end": b} for a, b in zip(starts.tolist(), ends.tolist())],
                                   override_num_blocks=len(ranges))
     dataset = dataset.map_batches(
-        _read_crops, batch_size=1, batch_format="numpy", num_cpus=1,
+        storage_retries.carrying_budget(_read_crops), batch_size=1, batch_format="numpy", num_cpus=1,
         fn_kwargs={"index": index, "image_size": image_size, "ten_crop": ten_crop})
     dataset = dataset.map_batches(
         _Scorer, batch_size=batch_size, batch_format="numpy",

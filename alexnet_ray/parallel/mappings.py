@@ -27,6 +27,24 @@ class ExchangeTimeoutError(RuntimeError):
     The pair's connection is not reusable afterwards: treat it as fatal."""
 
 
+class WaitLimit(float):
+    """A timeout in seconds that says what it is made of in the errors it ends in, e.g.
+    WaitLimit(360, "run.storage_retry_s=300 + parallel.exchange_timeout_s=60")."""
+
+    def __new__(cls, seconds: float, made_of: str = ""):
+        limit = super().__new__(cls, seconds)
+        limit.made_of = made_of
+        return limit
+
+    def __reduce__(self):
+        return WaitLimit, (float(self), self.made_of)
+
+
+def _limit(timeout: float) -> str:
+    made_of = getattr(timeout, "made_of", "")
+    return f"{timeout:g}s" + (f" ({made_of})" if made_of else "")
+
+
 @dataclass
 class LabelledOp:
     op: dist.P2POp
@@ -75,11 +93,11 @@ def _wait(work, label: str, timeout: float | None) -> None:
         # the peer's connection broke before the timeout (the backend's own timeout, the group's, may
         # fire first: it counts from when the op was issued, which can be before this wait)
         if waited < 0.9 * timeout and "timed out" not in str(error).lower():
-            raise ExchangeTimeoutError(f"{label}: failed after {waited:.1f}s, before the {timeout:g}s timeout "
+            raise ExchangeTimeoutError(f"{label}: failed after {waited:.1f}s, before the {_limit(timeout)} timeout "
                                        f"({error})") from error
-        raise ExchangeTimeoutError(f"{label}: not complete after {timeout:g}s ({error})") from error
+        raise ExchangeTimeoutError(f"{label}: not complete after {_limit(timeout)} ({error})") from error
     if completed is False:
-        raise ExchangeTimeoutError(f"{label}: not complete after {timeout:g}s")
+        raise ExchangeTimeoutError(f"{label}: not complete after {_limit(timeout)}")
 
 
 def build_exchange_ops(send: dict[int, Tensor], recv: dict[int, Tensor], group, label: str) -> list[LabelledOp]:

@@ -9,11 +9,10 @@ there becomes a ControllerError, which the policy never retries. `Trainer.fit()`
 
 from __future__ import annotations
 
-from typing import Iterator
-
 from ray.train import ControllerError, UserCallback
 
 from alexnet_ray.checkpoint import NoGoodCheckpointError
+from alexnet_ray.storage_retries import causes
 
 UNRECOVERABLE = (NoGoodCheckpointError,)  # every checkpoint of the run is unusable: a restart fails the same way
 
@@ -22,23 +21,9 @@ class RunCannotRecoverError(RuntimeError):
     """A worker failed in a way that restarting the worker group would only repeat."""
 
 
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """The error, the worker's own exception Ray wraps it around, and their causes."""
-    seen = set()
-    stack = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        # Ray Train wraps a worker's exception (UserExceptionWithTraceback._base_exc)
-        stack += [getattr(current, "_base_exc", None), current.__cause__, current.__context__]
-
-
 def unrecoverable(error: BaseException) -> BaseException | None:
     """The first unrecoverable exception in `error`'s chain, or None."""
-    return next((cause for cause in _causes(error) if isinstance(cause, UNRECOVERABLE)), None)
+    return next((cause for cause in causes(error) if isinstance(cause, UNRECOVERABLE)), None)
 
 
 class StopUnrecoverable(UserCallback):

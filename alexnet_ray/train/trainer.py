@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from alexnet_ray import ray_cluster, storage
+from alexnet_ray import ray_cluster, storage, storage_retries
 from alexnet_ray.train import failures, fault_injection, tensorboard, tracking
 from alexnet_ray.train.config import Config, copy_config, validate_config
 from alexnet_ray.train.metrics import mean_images_per_s, read_metrics_files, write_metrics_file
@@ -34,9 +34,10 @@ class MetricsFiles(UserCallback):
     """On the controller: one metrics/epoch_NNNN.json per epoch in the run directory."""
 
     def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+        self.run_dir, self.retry_s = run_dir, storage_retries.retry_budget()  # the driver's, to the controller
 
     def after_report(self, run_context, metrics, checkpoint):
+        storage_retries.set_retry_budget(self.retry_s)
         if metrics and "epoch" in metrics[0]:
             per_worker = ("world_rank", "node_id", "replica", "tower", "rss_mb")
             record = {k: v for k, v in metrics[0].items() if k not in per_worker}
@@ -165,6 +166,7 @@ class Trainer:
     def fit(self) -> ray.train.Result:
         """Train; ConfigError (before Ray starts, or once connected for the cluster's resources) for
         bad input, RunCannotRecoverError when a restart could not help, ray.train errors otherwise."""
+        storage_retries.set_retry_budget(self.config.run.storage_retry_s)  # this process's storage calls too
         check_inputs(self.config)  # the dataset and the checkpoint to start from, before Ray starts
         self.connect()
         config = self.resolved_config()
@@ -194,10 +196,12 @@ class Trainer:
                 resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
                 placement_strategy="PACK",  # tower pairs (adjacent ranks) share a node
             ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(p.exchange_timeout_s)),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=math.ceil(config.data_wait_s)),
             run_config=RunConfig(
                 name=name,
-                storage_path=storage_dir,
+                # a bucket: the same retrying filesystem as ours (Ray's checkpoint uploads and reads)
+                storage_path=storage.resolve(storage_dir)[1] if storage.is_uri(storage_dir) else storage_dir,
+                storage_filesystem=storage.resolve(storage_dir)[0] if storage.is_uri(storage_dir) else None,
                 failure_config=FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint_keep),
                 callbacks=[MetricsFiles(run_dir), failures.StopUnrecoverable(), *self.callbacks],

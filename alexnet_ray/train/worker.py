@@ -21,7 +21,7 @@ import ray
 import ray.train
 import ray.train.torch
 
-from alexnet_ray import storage
+from alexnet_ray import storage, storage_retries
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.model import AlexNet, Tower, split_state_dict
@@ -61,7 +61,10 @@ def setup_worker(loop_config: dict) -> WorkerState:
     if ctx.get_world_size() != topology.world_size:
         raise ValueError(f"world size {ctx.get_world_size()} != towers x replicas = {topology.world_size}")
     _set_determinism(config, config.parallel.cpus_per_worker)
-    groups = init_parallel_groups(topology, timeout=config.parallel.exchange_timeout_s)
+    storage_retries.set_retry_budget(config.run.storage_retry_s)  # this worker's reads, its loaders' tasks
+    # A partner's read-ahead can hold up any exchange of the pair or the replicas: they all wait
+    # for the data wait (the backend's own timeout, too); checkpoint gathers need no read.
+    groups = init_parallel_groups(topology, timeout=config.data_wait_s)
     device = ray.train.torch.get_device()
 
     state = load_resume_state(config)
@@ -74,7 +77,7 @@ def setup_worker(loop_config: dict) -> WorkerState:
     if config.run.compile:
         compile_stages(tower)
     model = TowerParallel(tower, groups, microbatches=config.parallel.microbatches,
-                          exchange_timeout=config.parallel.exchange_timeout_s,
+                          exchange_timeout=config.data_wait_s,
                           microbatch_rows=config.microbatch_rows)
     opt = config.optimizer
     optimizer = torch.optim.SGD(
@@ -201,7 +204,7 @@ def train_one_epoch(w: WorkerState, tools: EpochTools, epoch: int, early: EarlyS
     if groups.tower == 0:
         source = iter(early) if early is not None else tools.loader.iter_epoch(epoch, groups.replica)
     batches = training_batches(source, tools.sizes, config.model.image_size, groups, w.device,
-                               timeout=config.parallel.exchange_timeout_s, label=f"epoch {epoch + 1} training batch")
+                               timeout=config.data_wait_s, label=f"epoch {epoch + 1} training batch")
     images_done = 0  # the global batches' rows so far
     for step in itertools.count():
         fault_injection.point("step", epoch, step)
@@ -246,8 +249,7 @@ def train_step(w: WorkerState, tools: EpochTools, epoch: int, step: int, item: l
 
 def replicas_error_rates(w: WorkerState, meter: EpochMeter, label: str) -> dict:
     """Loss and error rates over every replica's images (an all-reduce of the meters' counts)."""
-    totals = all_reduce_sum(meter.totals().to(w.device), w.groups.dp_group, label,
-                            w.config.parallel.exchange_timeout_s)
+    totals = all_reduce_sum(meter.totals().to(w.device), w.groups.dp_group, label, w.config.data_wait_s)
     return error_rates(totals.cpu())
 
 
@@ -256,7 +258,7 @@ def replicas_reads(w: WorkerState, tools: EpochTools, epoch: int) -> dict:
     count = tools.loader.reads.pop((epoch, w.groups.replica), None) if w.groups.tower == 0 else None
     local = torch.tensor([count.bytes, count.row_groups] if count else [0, 0], dtype=torch.float64)
     totals = all_reduce_sum(local.to(w.device), w.groups.dp_group, f"epoch {epoch + 1} read counts",
-                            w.config.parallel.exchange_timeout_s).cpu()
+                            w.config.data_wait_s).cpu()
     read_bytes, row_groups = int(totals[0]), int(totals[1])
     split = tools.loader.split_bytes
     return {"read_bytes": read_bytes, "read_row_groups": row_groups,
@@ -274,7 +276,7 @@ def validate(w: WorkerState, tools: EpochTools, *, ten_crop: bool, epoch: int = 
     meter = EpochMeter()
     source = loader.iter(groups.replica) if groups.tower == 0 else None
     with torch.no_grad():
-        for images, labels in eval_batches(source, groups, device, config.parallel.exchange_timeout_s, epoch):
+        for images, labels in eval_batches(source, groups, device, config.data_wait_s, epoch):
             if ten_crop:  # scores: the crops' averaged probabilities
                 n, crops = images.shape[:2]
                 x = to_model_input(images.flatten(0, 1), None, tools.mean, tools.std, device)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from alexnet_ray.data.demo import DEMO_NUM_CLASSES
 from alexnet_ray.model.config import ACTIVATIONS, INITS, POOLS, ModelConfig
+from alexnet_ray.parallel.mappings import WaitLimit
 from alexnet_ray.train.precision import CHOICES as PRECISIONS
 
 
@@ -83,6 +84,9 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False
     max_failures: int = 0  # -1 = retry forever
+    # how long a storage request failing transiently (503 SlowDown, 5xx, a reset, a read timeout)
+    # is retried before the run fails (alexnet_ray/storage_retries.py); 0 = not at all
+    storage_retry_s: float = 300.0
     checkpoint_keep: int = 2
     progress_interval_s: float = 5.0
     resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
@@ -157,6 +161,15 @@ class Config:
         if p.microbatch_rows is not None:
             return p.microbatch_rows
         return -(-self.data.global_batch_size // (p.replicas * p.microbatches))
+
+    @property
+    def data_wait_s(self) -> WaitLimit:
+        """How long a rank waits on a partner that may be reading storage (the batch broadcast, the
+        exchanges and gradient sums a read-ahead can hold up): the partner's reads may retry for
+        run.storage_retry_s, then the exchange has its own parallel.exchange_timeout_s."""
+        r, p = self.run, self.parallel
+        made_of = f"run.storage_retry_s={r.storage_retry_s:g} + parallel.exchange_timeout_s={p.exchange_timeout_s:g}"
+        return WaitLimit(r.storage_retry_s + p.exchange_timeout_s, made_of)
 
     def effective_lr(self) -> float:
         """optimizer.lr scaled from optimizer.base_batch_size to data.global_batch_size (the replica

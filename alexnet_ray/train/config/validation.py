@@ -106,6 +106,7 @@ def _check_numbers(config: Config) -> None:
     _require(r.epochs >= 1, f"run.epochs={r.epochs}: must be >= 1")
     _require(r.seed >= 0, f"run.seed={r.seed}: must be >= 0")
     _require(r.max_failures >= -1, f"run.max_failures={r.max_failures}: must be >= 0, or -1 to retry forever")
+    _require(r.storage_retry_s >= 0, f"run.storage_retry_s={r.storage_retry_s}: must be >= 0 seconds")
     _require(r.checkpoint_keep >= 1, f"run.checkpoint_keep={r.checkpoint_keep}: must be >= 1")
     _require(r.progress_interval_s > 0, f"run.progress_interval_s={r.progress_interval_s}: must be > 0")
     _require(
