@@ -13,6 +13,7 @@ retried any more): `storage: 22 reads of s3://b/data/… answered 503 SlowDown, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -53,6 +54,17 @@ def retry_budget() -> float:
 def set_retry_budget(seconds: float) -> None:
     """Set this process's budget (a training worker, a loader task: from run.storage_retry_s)."""
     _budget[0] = float(seconds)
+
+
+@contextlib.contextmanager
+def budget(seconds: float):
+    """This process's budget is `seconds` inside the block, and what it was after it."""
+    saved = retry_budget()
+    set_retry_budget(seconds)
+    try:
+        yield
+    finally:
+        set_retry_budget(saved)
 
 
 def carrying_budget(fn):

@@ -28,10 +28,11 @@ def main(argv=None) -> int:
 
     from alexnet_ray.eval.scoring import resolve_checkpoint
     from alexnet_ray.export import export_checkpoint
+    from alexnet_ray.storage_retries import StorageRetryError
 
     try:
         summary = export_checkpoint(resolve_checkpoint(args.checkpoint), args.out, onnx=args.onnx)
-    except (ValueError, RuntimeError) as e:  # CheckpointError, ExportError, missing [onnx] extra
+    except (ValueError, RuntimeError, StorageRetryError) as e:  # CheckpointError, ExportError, no [onnx]; storage
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {summary['classes']}-class AlexNet to {summary['out']}"

@@ -26,10 +26,11 @@ def main(argv=None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from alexnet_ray.eval.predict import format_table, load_inference_model, predict_files
+    from alexnet_ray.storage_retries import StorageRetryError
 
     try:
         model = load_inference_model(args.model)
-    except ValueError as e:  # ExportError, CheckpointError
+    except (ValueError, StorageRetryError) as e:  # ExportError, CheckpointError; storage past its retries
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = predict_files(model, args.images, k=args.top, ten_crop=args.ten_crop)

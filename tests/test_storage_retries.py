@@ -126,6 +126,23 @@ def test_403_and_404_fail_at_once_without_retrying(dataset, s3_faults):
     assert time.monotonic() - started < 1.0
 
 
+def test_a_mistyped_endpoint_is_refused_before_the_run_within_the_preflight_limit(monkeypatch, tmp_path):
+    """Connection refused is retried (a store restarting refuses too), but the config check before
+    any worker starts waits PREFLIGHT_RETRY_S, not the run's minutes, and says where it looked."""
+    from ray_head import free_port
+
+    from alexnet_ray.train.config import ConfigError, load_config
+    from alexnet_ray.train.config.validation import PREFLIGHT_RETRY_S
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^data.path=s3://retries/data: cannot reach it \(storage: s3://retries/data: "
+                                          r".*retried for 1\d\.\d s"):
+        load_config("tiny", overrides=["data.path=s3://retries/data", f"run.storage={tmp_path}"])
+    assert PREFLIGHT_RETRY_S <= time.monotonic() - started < PREFLIGHT_RETRY_S + 10
+    assert storage_retries.retry_budget() == 300  # the run's own budget is back
+
+
 # ---- a blip inside the budget: the same bytes, one line -------------------------------------------
 
 @pytest.mark.parametrize("fault", ["503", "reset", "delay"])

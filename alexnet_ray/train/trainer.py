@@ -166,7 +166,10 @@ class Trainer:
     def fit(self) -> ray.train.Result:
         """Train; ConfigError (before Ray starts, or once connected for the cluster's resources) for
         bad input, RunCannotRecoverError when a restart could not help, ray.train errors otherwise."""
-        storage_retries.set_retry_budget(self.config.run.storage_retry_s)  # this process's storage calls too
+        with storage_retries.budget(self.config.run.storage_retry_s):  # this process's storage calls too
+            return self._fit()
+
+    def _fit(self) -> ray.train.Result:
         check_inputs(self.config)  # the dataset and the checkpoint to start from, before Ray starts
         self.connect()
         config = self.resolved_config()

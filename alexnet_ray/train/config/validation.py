@@ -10,11 +10,13 @@ import math
 import typing
 from typing import Mapping
 
-from alexnet_ray import storage
+from alexnet_ray import storage, storage_retries
 from alexnet_ray.data.demo import DEMO_NUM_CLASSES
 from alexnet_ray.data.manifest import MANIFEST_NAME, load_manifest
 from alexnet_ray.parallel.topology import Topology
 from alexnet_ray.train.config.schema import CHOICES, SECTIONS, Config, ConfigError, check_value, suggest
+
+PREFLIGHT_RETRY_S = 15.0  # how long a location checked before the run may answer "slow down"
 
 
 def validate_config(
@@ -126,10 +128,13 @@ def _check_locations(config: Config) -> None:
 
 
 def _location(name: str, location: str, check):
-    """check() on a local path or URI; a URI without a bucket or an unreachable store: one line."""
+    """check() on a local path or URI; a URI without a bucket or an unreachable store: one line,
+    within PREFLIGHT_RETRY_S (the run's own budget applies once it runs)."""
     try:
-        storage.resolve(location)
-        return check()
+        # a mistyped endpoint refuses every connection: one line soon, not minutes of silence
+        with storage_retries.budget(min(storage_retries.retry_budget(), PREFLIGHT_RETRY_S)):
+            storage.resolve(location)
+            return check()
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     except OSError as exc:
