@@ -106,8 +106,18 @@ def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
     """Logical CPUs of the local cluster Trainer starts: the workers' share plus room for Ray Data
     tasks, and never fewer than the cores (plus 2). Ray takes whole numbers only."""
     p = config.parallel
-    needed = math.ceil(p.towers * p.replicas * float(p.cpus_per_worker)) + 2
+    needed = math.ceil(config.num_workers * float(p.cpus_per_worker)) + 2
     return max(cores or os.cpu_count() or 1, needed) + 2
+
+
+def worker_bounds(config: Config) -> int | tuple[int, int]:
+    """ScalingConfig.num_workers in whole tower groups: towers x replicas, or (min, max) of an
+    elastic run, whose worker group Ray Train V2 restarts on what the cluster holds after a loss
+    and grows at its next resize check (the worker sees the count it got, worker.attempt_layout)."""
+    p = config.parallel
+    if not p.elastic:
+        return p.towers * p.replicas
+    return p.towers * p.min_replicas, p.towers * p.max_replicas
 
 
 class Trainer:
@@ -189,7 +199,8 @@ class Trainer:
             loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=p.towers * p.replicas,
+                num_workers=worker_bounds(config),
+                elastic_resize_monitor_interval_s=p.resize_interval_s,
                 use_gpu=use_gpu,
                 resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
                 placement_strategy="PACK",  # tower pairs (adjacent ranks) share a node

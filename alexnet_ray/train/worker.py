@@ -30,6 +30,7 @@ from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum
 from alexnet_ray.preprocess import average_crops, to_model_input
 from alexnet_ray.train import fault_injection
+from alexnet_ray.train.elastic import attempt_layout, idle_worker, note_attempt
 from alexnet_ray.train.batch_feed import EarlyStart, eval_batches, training_batches
 from alexnet_ray.train.checkpointing import load_momentum, load_resume_state, report_epoch
 from alexnet_ray.train.config import Config
@@ -54,17 +55,18 @@ def _initial_weights(config: Config) -> dict:
     return AlexNet(config.model).state_dict()
 
 
-def setup_worker(loop_config: dict) -> WorkerState:
-    config = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
+def setup_worker(loop_config: dict) -> WorkerState | int:
+    """The worker's state; for a spare worker of an elastic group (elastic.attempt_layout), the
+    epoch the attempt starts at instead."""
+    config, _ = attempt_layout(Config.from_dict(loop_config["config"]), ray.train.get_context().get_world_size())
     topology = Topology(config.parallel.towers, config.parallel.replicas)
-    if ctx.get_world_size() != topology.world_size:
-        raise ValueError(f"world size {ctx.get_world_size()} != towers x replicas = {topology.world_size}")
     _set_determinism(config, config.parallel.cpus_per_worker)
     groups = init_parallel_groups(topology, timeout=config.parallel.exchange_timeout_s)
+    state = load_resume_state(config)
+    if groups is None:
+        return int(state["epoch"]) if state is not None else 0
     device = ray.train.torch.get_device()
 
-    state = load_resume_state(config)
     full = state["model"] if state is not None else _initial_weights(config)
     tower = Tower(groups.tower, topology.towers, config.model)
     tower.load_state_dict(split_state_dict(full, topology.towers)[groups.tower])
@@ -144,9 +146,12 @@ def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     quiet_ray_logs()
     w = setup_worker(loop_config)
+    if isinstance(w, int):
+        return idle_worker(Config.from_dict(loop_config["config"]), w)
     config, groups = w.config, w.groups
     manifest = load_manifest(config.data.path)
     tools = epoch_tools(w, manifest)
+    resize = note_attempt(config.parallel.replicas, w.start_epoch) if tools.rank == 0 else {}
     early = None  # tower 0: the next epoch's loader, started before this epoch's evaluation
     run_storage = ray.train.get_context().get_storage()
     tracker = open_tracker(config, tools.rank, run_storage.experiment_fs_path, run_storage.storage_filesystem,
@@ -167,7 +172,8 @@ def train_worker(loop_config: dict) -> None:
         val = validate(w, tools, ten_crop=ten_crop, epoch=epoch)
         w.schedule.observe(val["top1_error"])
 
-        metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads}
+        metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads,
+                   "replicas": config.parallel.replicas, **(resize if epoch == w.start_epoch else {})}
         if tools.rank == 0:
             print_epoch_summary(metrics, config.run.epochs, tools.progress.run_clock(epoch, 1.0))
         tracker.log_epoch(metrics)  # before the report: a run killed in between logs this epoch again
