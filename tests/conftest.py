@@ -41,7 +41,7 @@ def ray_cluster():
 
 
 @contextlib.contextmanager
-def local_multinode_cluster(head_cpus: int, *node_cpus: int):
+def local_multinode_cluster(head_cpus: int, *node_cpus: int, system_config: dict | None = None):
     """A ray.cluster_utils.Cluster on this machine (Ray's own test utility), the driver connected to
     it in place of the session's single-node cluster (the next test that needs that restarts it)."""
     import ray
@@ -56,7 +56,8 @@ def local_multinode_cluster(head_cpus: int, *node_cpus: int):
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+        "num_cpus": head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        **({"_system_config": system_config} if system_config else {})})
     try:
         for cpus in node_cpus:
             cluster.add_node(num_cpus=cpus)

@@ -26,6 +26,19 @@ from test_trainer import LAYOUT_RTOL, assert_weights_close, epoch_metrics, final
 # worker (Ray Train counts whole workers per node) and runs the loaders' Ray Data tasks.
 NODE_CPUS, HEAD_CPUS, WORKER_CPUS = 3, 1, "parallel.cpus_per_worker=1.5"
 EXCHANGE_TIMEOUT_S = 8.0
+# A killed node is marked dead after a few missed health checks (Ray's default: about 15 s). Until
+# then Ray Train may try to restart the group on it, and waits for the workers up to its start
+# timeout (60 s by default) before it tries again on what is left; both shortened here.
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+                   "health_check_failure_threshold": 3}
+START_TIMEOUT_S = "15"
+
+
+@pytest.fixture
+def short_start_timeout(monkeypatch):
+    """Ray Train's worker-group start timeout, for the clusters started after it (their processes
+    inherit the environment)."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", START_TIMEOUT_S)
 
 
 # ------------------------------------------------------------------------------- the range
@@ -149,10 +162,11 @@ def max_relative_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.ray
-def test_a_lost_node_shrinks_the_group_and_the_run_stays_the_same(prepared_demo, tmp_path, tiny_run):
+def test_a_lost_node_shrinks_the_group_and_the_run_stays_the_same(prepared_demo, tmp_path, tiny_run,
+                                                                  short_start_timeout):
     """2 replicas, one per node; in epoch 2 the node of replica 1 goes (its tower 0 parked before
     step 5, then the node removed); the group restarts from the epoch-1 checkpoint on 1 replica."""
-    with local_multinode_cluster(HEAD_CPUS, NODE_CPUS, NODE_CPUS) as cluster:
+    with local_multinode_cluster(HEAD_CPUS, NODE_CPUS, NODE_CPUS, system_config=FAST_NODE_DEATH) as cluster:
         nodes = {n.node_id: n for n in cluster.worker_nodes}
         holder = {}
 
@@ -206,7 +220,7 @@ class Grower(threading.Thread):
 
 
 @pytest.mark.ray
-def test_a_run_short_of_nodes_grows_when_one_comes(prepared_demo, tmp_path, tiny_run):
+def test_a_run_short_of_nodes_grows_when_one_comes(prepared_demo, tmp_path, tiny_run, short_start_timeout):
     """One node: 1 replica. In epoch 2 (step 2, its tower 0 parked up to 60 s) a second node comes;
     at the next resize check the group restarts from the epoch-1 checkpoint on 2 replicas."""
     with local_multinode_cluster(HEAD_CPUS, NODE_CPUS) as cluster:

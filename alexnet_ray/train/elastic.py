@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import sys
 
 import ray
 import ray.train
@@ -59,7 +60,8 @@ def note_attempt(replicas: int, start_epoch: int) -> dict:
     line = resize_line(previous, replicas, start_epoch)
     if line is None:
         return {}
-    print(line, flush=True)
+    sys.stdout.write(line + "\n")  # not print: Ray Train's patched print echoes every line twice
+    sys.stdout.flush()
     return {"resize": line, "replicas_before": previous}
 
 

@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from alexnet_ray import ray_cluster, storage
 from alexnet_ray.train import failures, fault_injection, tensorboard, tracking
 from alexnet_ray.train.config import Config, copy_config, validate_config
-from alexnet_ray.train.metrics import mean_images_per_s, read_metrics_files, write_metrics_file
+from alexnet_ray.train.metrics import epoch_record, mean_images_per_s, read_metrics_files, write_metrics_file
 from alexnet_ray.train.preflight import check_inputs
 from alexnet_ray.train.worker import train_worker
 
@@ -38,9 +38,7 @@ class MetricsFiles(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and "epoch" in metrics[0]:
-            per_worker = ("world_rank", "node_id", "replica", "tower", "rss_mb")
-            record = {k: v for k, v in metrics[0].items() if k not in per_worker}
-            record["workers"] = [{k: m.get(k) for k in per_worker} for m in metrics]
+            record = epoch_record(metrics)
             write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), record)
             tensorboard.log_epoch(self.run_dir, record)
 

@@ -34,7 +34,7 @@ from alexnet_ray.train.elastic import attempt_layout, idle_worker, note_attempt
 from alexnet_ray.train.batch_feed import EarlyStart, eval_batches, training_batches
 from alexnet_ray.train.checkpointing import load_momentum, load_resume_state, report_epoch
 from alexnet_ray.train.config import Config
-from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
+from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, restore_metrics_file, time_shares
 from alexnet_ray.train.precision import LossScaler, device_capability, resolve_precision
 from alexnet_ray.train.ray_logs import quiet_ray_logs
 from alexnet_ray.train.schedule import make_lr_schedule
@@ -95,8 +95,9 @@ def setup_worker(loop_config: dict) -> WorkerState | int:
         if state.get("loss_scaler") and scaler.enabled:
             scaler.load_state_dict(state["loss_scaler"])
         start_epoch = int(state["epoch"])
+    resumed = state.get("metrics") if state is not None and state.get("of_this_run") else None
     return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch,
-                       precision.autocast(device.type), scaler)
+                       precision.autocast(device.type), scaler, resumed)
 
 
 @dataclasses.dataclass
@@ -151,7 +152,11 @@ def train_worker(loop_config: dict) -> None:
     config, groups = w.config, w.groups
     manifest = load_manifest(config.data.path)
     tools = epoch_tools(w, manifest)
-    resize = note_attempt(config.parallel.replicas, w.start_epoch) if tools.rank == 0 else {}
+    resize = {}
+    if tools.rank == 0:
+        resize = note_attempt(config.parallel.replicas, w.start_epoch)
+        if w.resumed_metrics:
+            restore_metrics_file(loop_config["run_dir"], w.resumed_metrics)
     early = None  # tower 0: the next epoch's loader, started before this epoch's evaluation
     run_storage = ray.train.get_context().get_storage()
     tracker = open_tracker(config, tools.rank, run_storage.experiment_fs_path, run_storage.storage_filesystem,
