@@ -195,49 +195,57 @@ def test_a_lost_node_shrinks_the_group_and_the_run_stays_the_same(prepared_demo,
           f"{first['time'] - removed:.1f}s, weights within {diff:.1e} relative of the uninterrupted run")
 
 
-class Grower(threading.Thread):
-    """Adds a node once the "pause" fault parked a worker (the fired-0 marker), and records when."""
+def fit_in_thread(config) -> tuple[threading.Thread, dict]:
+    """fit() on a thread (ray.cluster_utils adds nodes from the main thread only): (thread, outcome)."""
+    outcome = {}
 
-    def __init__(self, plan: Path, cluster):
-        super().__init__(daemon=True)
-        self.plan, self.cluster, self.added_at = plan, cluster, None
-        self.done = threading.Event()
+    def fit():
+        try:
+            outcome["result"] = Trainer(config).fit()
+        except BaseException as error:  # re-raised on the test's thread
+            outcome["error"] = error
 
-    def run(self):
-        while not self.done.is_set() and self.added_at is None:
-            if self.plan.with_name("fired-0").exists():
-                self.cluster.add_node(num_cpus=NODE_CPUS)
-                self.added_at = time.time()
-            self.done.wait(0.1)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.join()
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    return thread, outcome
 
 
-@pytest.mark.ray
 def test_a_run_short_of_nodes_grows_when_one_comes(prepared_demo, tmp_path, tiny_run, short_start_timeout):
-    """One node: 1 replica. In epoch 2 (step 2, its tower 0 parked up to 60 s) a second node comes;
-    at the next resize check the group restarts from the epoch-1 checkpoint on 2 replicas."""
-    with local_multinode_cluster(HEAD_CPUS, NODE_CPUS) as cluster:
-        config = elastic_config(prepared_demo, tmp_path, "grow", "parallel.resize_interval_s=2")
-        result, events, grower, wall = run_with_plan(
-            config, tmp_path / "faults" / "plan.json",
-            [{"point": "step", "action": "pause", "rank": 0, "epoch": 1, "step": 2, "seconds": 60}],
-            lambda plan: Grower(plan, cluster))
+    """One node: 1 replica. In epoch 2 both towers park before step 2 (up to 60 s, so no exchange
+    times out); a second node comes; at the next resize check (2 s) the group restarts from the
+    epoch-1 checkpoint on 2 replicas."""
+    import os
+
+    plan = fault_injection.write_plan(tmp_path / "faults" / "plan.json", [
+        {"point": "step", "action": "pause", "rank": rank, "epoch": 1, "step": 2, "seconds": 60} for rank in (0, 1)])
+    os.environ[fault_injection.PLAN_ENV_VAR] = str(plan)
+    try:
+        with local_multinode_cluster(HEAD_CPUS, NODE_CPUS) as cluster:
+            started = time.time()
+            thread, outcome = fit_in_thread(elastic_config(prepared_demo, tmp_path, "grow", "parallel.resize_interval_s=2"))
+            while thread.is_alive() and not plan.with_name("fired-0").exists():
+                time.sleep(0.1)
+            cluster.add_node(num_cpus=NODE_CPUS)
+            added_at = time.time()
+            thread.join(timeout=300)
+            wall = time.time() - started
+    finally:
+        del os.environ[fault_injection.PLAN_ENV_VAR]
+    assert not thread.is_alive(), "the run did not finish within 300 s"
+    if "error" in outcome:
+        raise outcome["error"]
+    result, events = outcome["result"], fault_injection.read_events(plan)
     epochs = assert_same_run(result, tiny_run)
     assert [m["replicas"] for m in epochs] == [1, 2]
     assert epochs[1]["resize"] == "replicas 1 → 2 at epoch 2, step 0"
     assert sorted(w["world_rank"] for w in epochs[1]["workers"]) == [0, 1, 2, 3]
     assert len({w["node_id"] for w in epochs[1]["workers"]}) == 2
     pairs_on_one_node(epochs[1]["workers"])
-    first = min((e for e in events if e["event"] == "first_step" and e["time"] > grower.added_at
-                 and e["rank"] == 2), key=lambda e: e["time"])
+    first = min((e for e in events if e["event"] == "first_step" and e["time"] > added_at and e["rank"] == 2),
+                key=lambda e: e["time"])
     assert (first["epoch"], first["step"]) == (1, 0)
+    errors = [e for e in events if e["event"] == "error"]
+    assert not errors, errors  # a resize, not a failure: nothing timed out
     diff = max_relative_diff(final_weights(result), final_weights(tiny_run))
     print(f"\nelastic grow: {wall:.1f}s wall, node added -> first step on 2 replicas "
-          f"{first['time'] - grower.added_at:.1f}s, weights within {diff:.1e} relative of the uninterrupted run")
+          f"{first['time'] - added_at:.1f}s, weights within {diff:.1e} relative of the uninterrupted run")
