@@ -154,6 +154,8 @@ def assert_same_run(result, tiny_run):
 def pairs_on_one_node(workers: list[dict]) -> None:
     node = {w["world_rank"]: w["node_id"] for w in workers}
     for w in workers:
+        if w["replica"] is None:  # a spare worker
+            continue
         assert node[w["world_rank"]] == node[w["replica"] * 2], f"replica {w['replica']}'s towers are split"
 
 
@@ -249,3 +251,21 @@ def test_a_run_short_of_nodes_grows_when_one_comes(prepared_demo, tmp_path, tiny
     diff = max_relative_diff(final_weights(result), final_weights(tiny_run))
     print(f"\nelastic grow: {wall:.1f}s wall, node added -> first step on 2 replicas "
           f"{first['time'] - added_at:.1f}s, weights within {diff:.1e} relative of the uninterrupted run")
+
+
+@pytest.mark.ray
+def test_workers_beyond_whole_tower_groups_are_spare_for_the_attempt(prepared_demo, tmp_path, tiny_run,
+                                                                    short_start_timeout):
+    """A node with room for 3 workers of 2 towers (4 CPUs, 1.25 a worker): Ray Train starts 3 (it
+    counts workers, not tower groups); the run trains on 1 replica with rank 2 spare, and ends
+    epoch 1 where the uninterrupted run did."""
+    with local_multinode_cluster(HEAD_CPUS, 4):
+        result = Trainer(elastic_config(prepared_demo, tmp_path, "spare", "run.epochs=1",
+                                        "parallel.cpus_per_worker=1.25")).fit()
+    (epoch,) = epoch_metrics(result)
+    assert epoch["replicas"] == 1 and "resize" not in epoch
+    workers = sorted(epoch["workers"], key=lambda w: w["world_rank"])
+    assert [(w["world_rank"], w["replica"], w["tower"]) for w in workers] == [(0, 0, 0), (1, 0, 1), (2, None, None)]
+    reference = load_checkpoint(Path(tiny_run.path) / "checkpoint_epoch_0001")
+    assert_weights_close(final_weights(result), reference["model"], rtol=LAYOUT_RTOL)
+    assert epoch["train_loss"] == pytest.approx(reference["metrics"]["train_loss"], rel=1e-6)
