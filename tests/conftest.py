@@ -73,6 +73,20 @@ def local_multinode_cluster(head_cpus: int, *node_cpus: int, system_config: dict
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
+@pytest.fixture(autouse=True)
+def no_stray_ray_cluster():
+    """After each test, a Ray cluster this process started that is not the session's (a job run
+    in-process after a multi-node test shut the session's down starts one sized to the machine) is
+    shut down, so the next start_ray() gives the session's RAY_TEST_CPUS again; trials and layouts
+    sized for 8 CPUs starve of Ray Data tasks on a 2-CPU cluster."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and ray.cluster_resources().get("CPU") != RAY_TEST_CPUS:
+        ray.shutdown()
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         import ray

@@ -30,10 +30,12 @@ def model_file(tiny_run, prepared_demo, tmp_path_factory):
 
 
 def val_rows(prepared_demo, count):
-    """(source path, stored JPEG) of the first `count` prepared validation rows."""
+    """(source file, stored JPEG) of the first `count` prepared validation rows. A row stores its
+    image's name, class/file (the same whichever format held it); the demo tree keeps it under val/."""
     manifest = json.loads((prepared_demo / "manifest.json").read_text())
     table = pq.read_table(prepared_demo / manifest["splits"]["val"]["shards"][0]["file"], columns=["path", "jpeg"])
-    return list(zip(table.column("path").to_pylist(), table.column("jpeg").to_pylist()))[:count]
+    paths = [f"{manifest['source']}/val/{path}" for path in table.column("path").to_pylist()]
+    return list(zip(paths, table.column("jpeg").to_pylist()))[:count]
 
 
 @pytest.mark.parametrize("ten_crop", [False, True])
