@@ -70,6 +70,6 @@ def idle_worker(config: Config, start_epoch: int) -> None:
     report is a barrier of every worker) until the run's last epoch, then ends."""
     node = ray.get_runtime_context().get_node_id()
     rank = ray.train.get_context().get_world_rank()
-    for epoch in range(start_epoch, config.run.epochs):
+    for _ in range(start_epoch, config.run.epochs):
         ray.train.report({"idle": True, "world_rank": rank, "node_id": node, "replica": None, "tower": None},
                          checkpoint=None)

@@ -24,9 +24,9 @@ class ConfigError(ValueError):
 
 
 SCHEDULE_KINDS = ("plateau", "step", "cosine")
+LR_SCALINGS = ("none", "linear", "sqrt")
 # A fixed count, or [min, max] (written "1-2" in --set or YAML): parallel.replicas
 IntRange = int | list[int]
-LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
