@@ -18,7 +18,7 @@ from alexnet_ray.train import fault_injection
 from alexnet_ray.train.config import ConfigError, load_config, validate_config
 from alexnet_ray.train.elastic import attempt_layout, resize_line
 from alexnet_ray.train.trainer import Trainer, worker_bounds
-from conftest import RAY_TEST_CPUS, local_multinode_cluster, tiny_config
+from conftest import local_multinode_cluster, tiny_config
 from test_reliability import Killer
 from test_trainer import LAYOUT_RTOL, assert_weights_close, epoch_metrics, final_weights
 
@@ -254,12 +254,14 @@ def test_a_run_short_of_nodes_grows_when_one_comes(prepared_demo, tmp_path, tiny
 
 
 @pytest.mark.ray
-def test_workers_beyond_whole_tower_groups_are_spare_for_the_attempt(prepared_demo, tmp_path, tiny_run, ray_cluster):
-    """The session's cluster has room for 3.5 workers of RAY_TEST_CPUS / 3.5 CPUs, the half left for
-    the loaders: Ray Train starts 3 workers of 2 towers (it counts workers, not tower groups); the
-    run trains on 1 replica with rank 2 spare, and ends epoch 1 where the uninterrupted run did."""
-    result = Trainer(elastic_config(prepared_demo, tmp_path, "spare", "run.epochs=1",
-                                    f"parallel.cpus_per_worker={RAY_TEST_CPUS / 3.5:.4f}")).fit()
+def test_workers_beyond_whole_tower_groups_are_spare_for_the_attempt(prepared_demo, tmp_path, tiny_run,
+                                                                    short_start_timeout):
+    """A node with room for 3 workers of 2 towers (4 CPUs, 1.25 a worker; the head's 1 CPU for the
+    loaders): Ray Train starts 3 (it counts workers, not tower groups); the run trains on 1 replica
+    with rank 2 spare, and ends epoch 1 where the uninterrupted run did."""
+    with local_multinode_cluster(HEAD_CPUS, 4):
+        result = Trainer(elastic_config(prepared_demo, tmp_path, "spare", "run.epochs=1",
+                                        "parallel.cpus_per_worker=1.25")).fit()
     (epoch,) = epoch_metrics(result)
     assert epoch["replicas"] == 1 and "resize" not in epoch
     workers = sorted(epoch["workers"], key=lambda w: w["world_rank"])
