@@ -1,5 +1,6 @@
 """Shared fixtures. One local Ray cluster per test session, started on first use."""
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -37,6 +38,39 @@ def ray_cluster():
     """The session's local Ray cluster (started on first use; a test that shuts it down, such as
     a multi-node test using ray.cluster_utils.Cluster, leaves the next user to start it again)."""
     return start_ray()
+
+
+@contextlib.contextmanager
+def local_multinode_cluster(head_cpus: int, *node_cpus: int, system_config: dict | None = None):
+    """A ray.cluster_utils.Cluster on this machine (Ray's own test utility), the driver connected to
+    it in place of the session's single-node cluster (the next test that needs that restarts it)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ray_head import free_port
+
+    ray.shutdown()
+    # Its own State API, which every node's processes are told of (as ray_cluster.connect does for a
+    # local cluster): Ray Train's placement-group cleaner must not ask another cluster on the machine.
+    port = free_port()
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        **({"_system_config": system_config} if system_config else {})})
+    try:
+        for cpus in node_cpus:
+            cluster.add_node(num_cpus=cpus)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 @pytest.fixture(autouse=True)

@@ -2,36 +2,21 @@
 replicas land on different nodes, and the run trains."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from alexnet_ray.train.trainer import Trainer
-from conftest import tiny_config
-from ray_head import free_port
+from conftest import local_multinode_cluster, tiny_config
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
 def two_node_cluster():
-    ray.shutdown()  # the session's single-node cluster; the next test that needs it restarts it
-    # Its own State API, which every node's processes are told of (as ray_cluster.connect does for a
-    # local cluster): Ray Train's placement-group cleaner must not ask another cluster on the machine.
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with local_multinode_cluster(2, 2, 2) as cluster:
+        yield cluster
 
 
 def test_tower_pairs_share_a_node_and_replicas_spread(prepared_demo, tmp_path, two_node_cluster):

@@ -98,24 +98,30 @@ class ParallelGroups:
         return self.topology.dp_ranks(self.tower)
 
 
-def init_parallel_groups(topology: Topology, timeout: float | None = None) -> ParallelGroups:
+def init_parallel_groups(topology: Topology, timeout: float | None = None) -> ParallelGroups | None:
     """Build every pair group and every data-parallel group; all ranks must call this (new_group is
     collective and every rank creates all groups in the same order). The default group must exist.
     `timeout` (seconds) bounds every collective of the groups inside the backend too (torch's
-    default for gloo is 30 minutes), so a stalled partner cannot hold a background thread longer."""
+    default for gloo is 30 minutes), so a stalled partner cannot hold a background thread longer.
+    Ranks beyond the topology (spare workers of an elastic group that are not a whole tower group)
+    take part in creating the groups and get None: they belong to none."""
     topology.validate()
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("init_parallel_groups needs torch.distributed initialised (Ray Train does it)")
-    topology.validate(world_size=dist.get_world_size())
+    if dist.get_world_size() < topology.world_size:
+        topology.validate(world_size=dist.get_world_size())
     rank = dist.get_rank()
+    spare = rank >= topology.world_size
     options = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     pair_group = dp_group = None
     for replica in range(topology.replicas):
         group = dist.new_group(topology.pair_ranks(replica), **options)
-        if replica == topology.replica_of(rank):
+        if not spare and replica == topology.replica_of(rank):
             pair_group = group
     for tower in range(topology.towers):
         group = dist.new_group(topology.dp_ranks(tower), **options)
-        if tower == topology.tower_of(rank):
+        if not spare and tower == topology.tower_of(rank):
             dp_group = group
+    if spare:
+        return None
     return ParallelGroups(topology=topology, rank=rank, pair_group=pair_group, dp_group=dp_group)

@@ -48,7 +48,8 @@ def load_resume_state(config: Config) -> dict | None:
     This run's checkpoints: Ray's latest (after a worker failure, or a re-run of the same name) and
     every checkpoint_epoch_* in the run directory, newest first. The run directory may hold a newer
     one than Ray's latest (uploaded, but its report died with the worker before the controller took
-    it) or Ray's latest may be corrupt: the first that passes its checksum wins.
+    it) or Ray's latest may be corrupt: the first that passes its checksum wins. A checkpoint of
+    this run comes back with "of_this_run": True.
     """
     ckpt = ray.train.get_checkpoint()
     storage = ray.train.get_context().get_storage()
@@ -57,7 +58,7 @@ def load_resume_state(config: Config) -> dict | None:
     if ckpt is not None and ckpt.path not in candidates:
         candidates.insert(0, ckpt.path)
     if candidates:
-        return load_newest_good_checkpoint(candidates, fs)[0]
+        return {**load_newest_good_checkpoint(candidates, fs)[0], "of_this_run": True}
     if config.run.resume_from:
         try:
             return load_checkpoint(config.run.resume_from)

@@ -19,7 +19,7 @@ restarted worker group replays past it:
   the test sends SIGKILL to that pid. "stall": sleep `seconds`, then carry on. "pause": wait until
   the test calls `resume(plan, i)` (at most `seconds`, else HOLD_LIMIT_S), then carry on.
 
-Every worker appends JSON lines to events.jsonl next to the plan: "start" (pid, rank, time),
+Every worker appends JSON lines to events.jsonl next to the plan: "start" (pid, rank, node, time),
 "fired" (a fault began), "first_step" (the first finished step since this process started), and
 "error" (the exception that ended the worker, with its time): enough to measure recovery time.
 """
@@ -150,11 +150,12 @@ def plan_from_environment() -> str | None:
 
 
 def _run_with_faults(train_worker: Callable[[dict], None], loop_config: dict) -> None:
+    import ray
     import ray.train
 
     global _injector
     _injector = _Injector(loop_config[LOOP_CONFIG_KEY], ray.train.get_context().get_world_rank())
-    _injector.event("start")
+    _injector.event("start", node=ray.get_runtime_context().get_node_id())
     try:
         train_worker(loop_config)
     except BaseException as error:

@@ -108,6 +108,29 @@ class Progress:
         sys.stdout.flush()
 
 
+PER_WORKER = ("world_rank", "node_id", "replica", "tower", "rss_mb")
+
+
+def epoch_record(metrics_per_worker: list[dict]) -> dict:
+    """An epoch's metrics file: rank 0's metrics, and where every worker ran."""
+    record = {k: v for k, v in metrics_per_worker[0].items() if k not in PER_WORKER}
+    record["workers"] = [{k: m.get(k) for k in PER_WORKER} for m in metrics_per_worker]
+    return record
+
+
+def restore_metrics_file(run_dir: str, metrics: dict) -> bool:
+    """Write an epoch's metrics file from its checkpoint's (rank 0's) metrics when the file is
+    missing: a node lost right after the epoch's report can take the other workers' reports with it,
+    and then Ray Train never hands that epoch to the controller's MetricsFiles."""
+    from alexnet_ray import storage
+
+    epoch = int(metrics["epoch"])
+    if storage.is_file(storage.join(run_dir, "metrics", f"epoch_{epoch:04d}.json")):
+        return False
+    write_metrics_file(run_dir, epoch, {**epoch_record([metrics]), "restored_from_checkpoint": True})
+    return True
+
+
 def write_metrics_file(run_dir: str, epoch: int, metrics: dict) -> str:
     """Write metrics/epoch_NNNN.json under the run directory (local or shared filesystem)."""
     from alexnet_ray import storage

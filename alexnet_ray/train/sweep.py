@@ -153,7 +153,7 @@ class Sweep:
     def trial_needs(self, use_gpu: bool) -> dict[str, float]:
         """What one trial holds while it runs: its driver and its towers x replicas workers."""
         p = self.config.parallel
-        workers = p.towers * p.replicas
+        workers = self.config.num_workers
         needs = {"CPU": DRIVER_CPUS + workers * float(p.cpus_per_worker)}
         if use_gpu:
             needs["GPU"] = float(workers)

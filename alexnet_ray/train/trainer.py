@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from alexnet_ray import ray_cluster, storage, storage_retries
 from alexnet_ray.train import failures, fault_injection, tensorboard, tracking
 from alexnet_ray.train.config import Config, copy_config, validate_config
-from alexnet_ray.train.metrics import mean_images_per_s, read_metrics_files, write_metrics_file
+from alexnet_ray.train.metrics import epoch_record, mean_images_per_s, read_metrics_files, write_metrics_file
 from alexnet_ray.train.preflight import check_inputs
 from alexnet_ray.train.worker import train_worker
 
@@ -39,9 +39,7 @@ class MetricsFiles(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         storage_retries.set_retry_budget(self.retry_s)
         if metrics and "epoch" in metrics[0]:
-            per_worker = ("world_rank", "node_id", "replica", "tower", "rss_mb")
-            record = {k: v for k, v in metrics[0].items() if k not in per_worker}
-            record["workers"] = [{k: m.get(k) for k in per_worker} for m in metrics]
+            record = epoch_record(metrics)
             write_metrics_file(self.run_dir, int(metrics[0]["epoch"]), record)
             tensorboard.log_epoch(self.run_dir, record)
 
@@ -107,8 +105,18 @@ def local_cluster_cpus(config: Config, cores: int | None = None) -> int:
     """Logical CPUs of the local cluster Trainer starts: the workers' share plus room for Ray Data
     tasks, and never fewer than the cores (plus 2). Ray takes whole numbers only."""
     p = config.parallel
-    needed = math.ceil(p.towers * p.replicas * float(p.cpus_per_worker)) + 2
+    needed = math.ceil(config.num_workers * float(p.cpus_per_worker)) + 2
     return max(cores or os.cpu_count() or 1, needed) + 2
+
+
+def worker_bounds(config: Config) -> int | tuple[int, int]:
+    """ScalingConfig.num_workers in whole tower groups: towers x replicas, or (min, max) of an
+    elastic run, whose worker group Ray Train V2 restarts on what the cluster holds after a loss
+    and grows at its next resize check (the worker sees the count it got, worker.attempt_layout)."""
+    p = config.parallel
+    if not p.elastic:
+        return p.towers * p.replicas
+    return p.towers * p.min_replicas, p.towers * p.max_replicas
 
 
 class Trainer:
@@ -194,7 +202,8 @@ class Trainer:
             loop,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=p.towers * p.replicas,
+                num_workers=worker_bounds(config),
+                elastic_resize_monitor_interval_s=p.resize_interval_s,
                 use_gpu=use_gpu,
                 resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
                 placement_strategy="PACK",  # tower pairs (adjacent ranks) share a node

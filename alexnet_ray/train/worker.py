@@ -33,7 +33,8 @@ from alexnet_ray.train import fault_injection
 from alexnet_ray.train.batch_feed import EarlyStart, eval_batches, training_batches
 from alexnet_ray.train.checkpointing import load_momentum, load_resume_state, report_epoch
 from alexnet_ray.train.config import Config
-from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, time_shares
+from alexnet_ray.train.elastic import attempt_layout, idle_worker, note_attempt
+from alexnet_ray.train.metrics import EpochMeter, Progress, error_rates, restore_metrics_file, time_shares
 from alexnet_ray.train.precision import LossScaler, device_capability, resolve_precision
 from alexnet_ray.train.ray_logs import quiet_ray_logs
 from alexnet_ray.train.schedule import make_lr_schedule
@@ -54,20 +55,21 @@ def _initial_weights(config: Config) -> dict:
     return AlexNet(config.model).state_dict()
 
 
-def setup_worker(loop_config: dict) -> WorkerState:
-    config = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
+def setup_worker(loop_config: dict) -> WorkerState | int:
+    """The worker's state; for a spare worker of an elastic group (elastic.attempt_layout), the
+    epoch the attempt starts at instead."""
+    config, _ = attempt_layout(Config.from_dict(loop_config["config"]), ray.train.get_context().get_world_size())
     topology = Topology(config.parallel.towers, config.parallel.replicas)
-    if ctx.get_world_size() != topology.world_size:
-        raise ValueError(f"world size {ctx.get_world_size()} != towers x replicas = {topology.world_size}")
     _set_determinism(config, config.parallel.cpus_per_worker)
     storage_retries.set_retry_budget(config.run.storage_retry_s)  # this worker's reads, its loaders' tasks
     # A partner's read-ahead can hold up any exchange of the pair or the replicas: they all wait
     # for the data wait (the backend's own timeout, too); checkpoint gathers need no read.
     groups = init_parallel_groups(topology, timeout=config.data_wait_s)
+    state = load_resume_state(config)
+    if groups is None:
+        return int(state["epoch"]) if state is not None else 0
     device = ray.train.torch.get_device()
 
-    state = load_resume_state(config)
     full = state["model"] if state is not None else _initial_weights(config)
     tower = Tower(groups.tower, topology.towers, config.model)
     tower.load_state_dict(split_state_dict(full, topology.towers)[groups.tower])
@@ -96,8 +98,9 @@ def setup_worker(loop_config: dict) -> WorkerState:
         if state.get("loss_scaler") and scaler.enabled:
             scaler.load_state_dict(state["loss_scaler"])
         start_epoch = int(state["epoch"])
+    resumed = state.get("metrics") if state is not None and state.get("of_this_run") else None
     return WorkerState(config, groups, device, model, optimizer, schedule, start_epoch,
-                       precision.autocast(device.type), scaler)
+                       precision.autocast(device.type), scaler, resumed)
 
 
 @dataclasses.dataclass
@@ -147,9 +150,16 @@ def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     quiet_ray_logs()
     w = setup_worker(loop_config)
+    if isinstance(w, int):
+        return idle_worker(Config.from_dict(loop_config["config"]), w)
     config, groups = w.config, w.groups
     manifest = load_manifest(config.data.path)
     tools = epoch_tools(w, manifest)
+    resize = {}
+    if tools.rank == 0:
+        resize = note_attempt(config.parallel.replicas, w.start_epoch)
+        if w.resumed_metrics:
+            restore_metrics_file(loop_config["run_dir"], w.resumed_metrics)
     early = None  # tower 0: the next epoch's loader, started before this epoch's evaluation
     run_storage = ray.train.get_context().get_storage()
     tracker = open_tracker(config, tools.rank, run_storage.experiment_fs_path, run_storage.storage_filesystem,
@@ -170,7 +180,8 @@ def train_worker(loop_config: dict) -> None:
         val = validate(w, tools, ten_crop=ten_crop, epoch=epoch)
         w.schedule.observe(val["top1_error"])
 
-        metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads}
+        metrics = {**epoch_metrics(epoch, lr, elapsed, meter, train, val, ten_crop, groups), **reads,
+                   "replicas": config.parallel.replicas, **(resize if epoch == w.start_epoch else {})}
         if tools.rank == 0:
             print_epoch_summary(metrics, config.run.epochs, tools.progress.run_clock(epoch, 1.0))
         tracker.log_epoch(metrics)  # before the report: a run killed in between logs this epoch again

@@ -24,3 +24,4 @@ class WorkerState:
     start_epoch: int
     autocast: Any  # run.precision's autocast context
     scaler: LossScaler  # fp16's loss scale (a no-op otherwise)
+    resumed_metrics: dict | None = None  # the metrics in this run's checkpoint it resumed from

@@ -16,8 +16,10 @@ from alexnet_ray.train.config.schema import (
     TYPE_NAMES,
     Config,
     ConfigError,
+    IntRange,
     field_type,
     merge,
+    parse_int_range,
     preset_config,
     split_optional,
     takes_true_false,
@@ -117,6 +119,8 @@ _FALSE = {"false", "0", "no", "off"}
 
 
 def _parse_text(raw: str, field_type: Any, name: str) -> Any:
+    if field_type == IntRange:
+        return parse_int_range(raw, name, "override")
     base, optional = split_optional(field_type)
     if optional and raw.lower() in ("none", "null", ""):
         return None

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 
 SCHEDULE_KINDS = ("plateau", "step", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
+# A fixed count, or [min, max] (written "1-2" in --set or YAML): parallel.replicas
+IntRange = int | list[int]
 
 
 @dataclass
@@ -64,14 +66,28 @@ class ScheduleConfig:
 @dataclass
 class ParallelConfig:
     towers: int = 2  # 1 | 2 workers per replica, one tower each
-    replicas: int = 1
+    # N, or [min, max] ("1-2"): elastic, the replica count follows the cluster at each (re)start
+    replicas: IntRange = 1
     microbatches: int = 1
     # At most this many rows in one micro-batch: a replica's larger share (fewer replicas, the same
-    # global batch) is split into more micro-batches. None = ceil(global batch / (replicas x microbatches)).
+    # global batch) is split into more micro-batches. None = ceil(global batch / (max replicas x microbatches)).
     microbatch_rows: int | None = None
     use_gpu: str = "auto"  # auto | true | false
     exchange_timeout_s: float = 300.0
     cpus_per_worker: float = 1.0
+    resize_interval_s: float = 60.0  # elastic: how often a healthy group checks for room to grow
+
+    @property
+    def min_replicas(self) -> int:
+        return replica_range(self.replicas)[0]
+
+    @property
+    def max_replicas(self) -> int:
+        return replica_range(self.replicas)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.replicas, list)
 
 
 @dataclass
@@ -143,7 +159,8 @@ class Config:
 
     @property
     def num_workers(self) -> int:
-        return self.parallel.towers * self.parallel.replicas
+        """Workers at the most replicas (the only count unless parallel.replicas is a range)."""
+        return self.parallel.towers * self.parallel.max_replicas
 
     @property
     def global_batch_size(self) -> int:
@@ -151,16 +168,25 @@ class Config:
 
     @property
     def replica_share(self) -> int:
-        """The most rows one replica trains on in a step."""
-        return -(-self.data.global_batch_size // self.parallel.replicas)
+        """The most rows one replica trains on in a step (at the fewest replicas)."""
+        return -(-self.data.global_batch_size // self.parallel.min_replicas)
 
     @property
     def microbatch_rows(self) -> int:
-        """The most rows in one micro-batch (parallel.microbatch_rows, or derived from the layout)."""
+        """The most rows in one micro-batch (parallel.microbatch_rows, or derived from the layout at
+        its most replicas, so an elastic group that shrinks runs more micro-batches, not larger ones)."""
         p = self.parallel
         if p.microbatch_rows is not None:
             return p.microbatch_rows
-        return -(-self.data.global_batch_size // (p.replicas * p.microbatches))
+        return -(-self.data.global_batch_size // (p.max_replicas * p.microbatches))
+
+    def at_replicas(self, replicas: int) -> "Config":
+        """This config for one attempt of an elastic run on `replicas` replicas: a fixed count, and
+        the micro-batch bound of the whole range."""
+        config = copy_config(self)
+        config.parallel.microbatch_rows = self.microbatch_rows
+        config.parallel.replicas = replicas
+        return config
 
     @property
     def data_wait_s(self) -> WaitLimit:
@@ -195,6 +221,32 @@ def scaled_lr(lr: float, scaling: str, batch: int, base_batch: int = 128) -> flo
 
 def copy_config(config: Config) -> Config:
     return copy.deepcopy(config)
+
+
+def replica_range(value: IntRange) -> tuple[int, int]:
+    """(min, max) of parallel.replicas: N is (N, N)."""
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def parse_int_range(value: Any, name: str, source: str) -> IntRange:
+    """N, [min, max] or "min-max" as N, or [min, max] when min < max; ConfigError naming the field."""
+    parts = value
+    if isinstance(value, str):
+        parts = value.replace(" ", "").split("-")
+        try:
+            parts = [int(p) for p in parts]
+        except ValueError:
+            parts = None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    if (not isinstance(parts, (list, tuple)) or len(parts) not in (1, 2)
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in parts)):
+        raise ConfigError(f"{source}: {name} must be an integer or a range min-max (e.g. 1-2 or [1, 2]), "
+                          f"got {value!r}")
+    low, high = parts[0], parts[-1]
+    if low > high:
+        raise ConfigError(f"{source}: {name}={low}-{high}: the minimum is above the maximum")
+    return low if low == high else [low, high]
 
 
 # --------------------------------------------------------------------------- presets
@@ -301,6 +353,8 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: 
 
 def check_value(value: Any, field_type: Any, name: str, source: str) -> Any:
     """`value` as the field's type (an int for a float field becomes a float); ConfigError if it is not one."""
+    if field_type == IntRange:
+        return parse_int_range(value, name, source)
     base, optional = split_optional(field_type)
     if value is None and optional:
         return None

@@ -61,7 +61,7 @@ def _apply_layer_rules(config: Config) -> None:
     """The model's rules (ModelConfig.plan) and the layout's (Topology.validate), as ConfigErrors."""
     p = config.parallel
     try:
-        Topology(p.towers, p.replicas).validate(microbatches=p.microbatches)
+        Topology(p.towers, p.min_replicas).validate(microbatches=p.microbatches)
         config.model.plan(p.towers)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -72,9 +72,9 @@ def _check_numbers(config: Config) -> None:
     _require(d.global_batch_size >= 1,
              f"data.global_batch_size={d.global_batch_size}: must be >= 1 (images per step over all replicas)")
     _require(
-        d.global_batch_size >= p.replicas,
-        f"data.global_batch_size={d.global_batch_size} is smaller than parallel.replicas={p.replicas}: "
-        "every replica needs at least one row of each step",
+        d.global_batch_size >= p.max_replicas,
+        f"data.global_batch_size={d.global_batch_size} is smaller than parallel.replicas={replicas_text(p)}"
+        f"{' at its maximum' if p.elastic else ''}: every replica needs at least one row of each step",
     )
     _require(
         d.eval_batch_size is None or d.eval_batch_size >= 1,
@@ -105,6 +105,7 @@ def _check_numbers(config: Config) -> None:
     _require(0.0 <= s.min_lr < o.lr, f"schedule.min_lr={s.min_lr}: must be in [0, optimizer.lr={o.lr})")
     _require(p.exchange_timeout_s > 0, f"parallel.exchange_timeout_s={p.exchange_timeout_s}: must be > 0")
     _require(p.cpus_per_worker > 0, f"parallel.cpus_per_worker={p.cpus_per_worker}: must be > 0")
+    _require(p.resize_interval_s >= 0, f"parallel.resize_interval_s={p.resize_interval_s}: must be >= 0")
     _require(r.epochs >= 1, f"run.epochs={r.epochs}: must be >= 1")
     _require(r.seed >= 0, f"run.seed={r.seed}: must be >= 0")
     _require(r.max_failures >= -1, f"run.max_failures={r.max_failures}: must be >= 0, or -1 to retry forever")
@@ -173,24 +174,27 @@ def _check_data(config: Config) -> None:
         )
 
 
+def replicas_text(p) -> str:
+    return f"{p.min_replicas}-{p.max_replicas}" if p.elastic else str(p.replicas)
+
+
 def _check_resources(config: Config, resources: Mapping[str, float]) -> None:
+    """The workers of the fewest replicas must fit the cluster (an elastic run grows into more)."""
     p = config.parallel
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    workers = config.num_workers
+    workers = p.towers * p.min_replicas
     _require(
         not (p.use_gpu == "true" and gpus < 1),
         "parallel.use_gpu=true but the Ray cluster has no GPU (use parallel.use_gpu=auto or false)",
     )
+    layout = (f"parallel.towers x parallel.replicas = {p.towers} x {p.replicas} = {workers} workers" if not p.elastic
+              else f"parallel.replicas={replicas_text(p)}: its minimum, {p.towers} towers x {p.min_replicas} = "
+                   f"{workers} workers,")
     if p.use_gpu == "true" or (p.use_gpu == "auto" and gpus >= 1):
-        _require(
-            workers <= gpus,
-            f"parallel.towers x parallel.replicas = {p.towers} x {p.replicas} = {workers} workers "
-            f"need {workers} GPUs; the Ray cluster has {gpus:g}",
-        )
+        _require(workers <= gpus, f"{layout} need {workers} GPUs; the Ray cluster has {gpus:g}")
     else:
         need = workers * p.cpus_per_worker
         _require(
             need <= cpus + 1e-9,
-            f"parallel.towers x parallel.replicas = {p.towers} x {p.replicas} = {workers} workers "
-            f"x parallel.cpus_per_worker={p.cpus_per_worker:g} need {need:g} CPUs; the Ray cluster has {cpus:g}",
+            f"{layout} x parallel.cpus_per_worker={p.cpus_per_worker:g} need {need:g} CPUs; the Ray cluster has {cpus:g}",
         )
