@@ -6,7 +6,6 @@ uninterrupted run (`tiny_run`: the same tiny config on 2 towers x 1 replica)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from alexnet_ray.train.config import ConfigError, load_config, validate_config
 from alexnet_ray.train.elastic import attempt_layout, resize_line
 from alexnet_ray.train.trainer import Trainer, worker_bounds
 from conftest import local_multinode_cluster, tiny_config
-from test_reliability import Killer
+from test_reliability import Killer, run_with_plan
 from test_trainer import LAYOUT_RTOL, assert_weights_close, epoch_metrics, final_weights
 
 # Each node holds one tower group: 2 workers of 1.5 CPUs in 3 CPUs. The head's 1 CPU holds no
@@ -118,22 +117,6 @@ def test_resize_line():
 def elastic_config(prepared_demo, storage, name, *overrides):
     return tiny_config(prepared_demo, storage, "parallel.replicas=1-2", WORKER_CPUS, f"run.name={name}",
                        f"parallel.exchange_timeout_s={EXCHANGE_TIMEOUT_S}", "run.max_failures=4", *overrides)
-
-
-def run_with_plan(config, plan_path: Path, faults: list[dict], watcher) -> tuple:
-    """fit() with the fault plan, `watcher` (a context manager: Killer, Grower) running beside it."""
-    import os
-
-    plan = fault_injection.write_plan(plan_path, faults)
-    os.environ[fault_injection.PLAN_ENV_VAR] = str(plan)
-    try:
-        with watcher(plan) as watching:
-            started = time.time()
-            result = Trainer(config).fit()
-            wall = time.time() - started
-    finally:
-        del os.environ[fault_injection.PLAN_ENV_VAR]
-    return result, fault_injection.read_events(plan), watching, wall
 
 
 def node_of(events: list[dict], pid: int) -> str:

@@ -97,24 +97,29 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module")
-def faulted(prepared_demo, tmp_path_factory, tiny_run):
-    """The tiny run of `tiny_run`, with the four faults of PLAN along the way."""
-    start_ray()
-    root = tmp_path_factory.mktemp("faulted")
-    plan = fault_injection.write_plan(root / "faults" / "plan.json", PLAN)
-    config = tiny_config(prepared_demo, root, "run.name=faulted", f"run.max_failures={len(PLAN) + 2}",
-                         f"parallel.exchange_timeout_s={EXCHANGE_TIMEOUT_S}",
-                         "run.storage_retry_s=0")  # local data: the waits are the exchange timeout alone
+def run_with_plan(config, plan_path: Path, faults: list[dict], watcher) -> tuple:
+    """fit() with the fault plan, `watcher` (a context manager: Killer, Grower) running beside it."""
+    plan = fault_injection.write_plan(plan_path, faults)
     os.environ[fault_injection.PLAN_ENV_VAR] = str(plan)
     try:
-        with Killer(plan) as killer:
+        with watcher(plan) as watching:
             started = time.time()
             result = Trainer(config).fit()
             wall = time.time() - started
     finally:
         del os.environ[fault_injection.PLAN_ENV_VAR]
-    events = fault_injection.read_events(plan)
+    return result, fault_injection.read_events(plan), watching, wall
+
+
+@pytest.fixture(scope="module")
+def faulted(prepared_demo, tmp_path_factory, tiny_run):
+    """The tiny run of `tiny_run`, with the four faults of PLAN along the way."""
+    start_ray()
+    root = tmp_path_factory.mktemp("faulted")
+    config = tiny_config(prepared_demo, root, "run.name=faulted", f"run.max_failures={len(PLAN) + 2}",
+                         f"parallel.exchange_timeout_s={EXCHANGE_TIMEOUT_S}",
+                         "run.storage_retry_s=0")  # local data: the waits are the exchange timeout alone
+    result, events, killer, wall = run_with_plan(config, root / "faults" / "plan.json", PLAN, Killer)
     recoveries = {}
     for index, info in killer.killed.items():
         recoveries[index] = recovery(events, info["killed_at"])[0]
