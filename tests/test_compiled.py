@@ -85,3 +85,17 @@ def test_compile_stages_keeps_the_stage_contract():
     assert "compile" not in load_config("tiny", check_data=False).to_dict()["model"]
     assert load_config("tiny", check_data=False).run.compile is False
     assert load_config("tiny", overrides=["run.compile=true"], check_data=False).run.compile is True
+
+
+def test_run_compile_mode_reaches_every_stage(monkeypatch):
+    """run.compile_mode is torch.compile's mode for each stage (reduce-overhead: CUDA graphs on GPUs;
+    measured by tests/gpu_check.py). Recorded here, not compiled: inductor's mode is its own business."""
+    import alexnet_ray.model.compiled as compiled
+
+    seen = []
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    config = load_config("tiny", overrides=["run.compile=true", "run.compile_mode=reduce-overhead"], check_data=False)
+    tower = compile_stages(Tower(0, 1, **MODEL), mode=config.run.compile_mode)
+    assert seen == [{"mode": "reduce-overhead"}] * 5
+    assert tower.stage(0, torch.zeros(2, 3, 64, 64)).shape == tower.stage_eager(0, torch.zeros(2, 3, 64, 64)).shape
+    assert set(compiled.COMPILE_MODES) >= {"default", "reduce-overhead"}

@@ -116,6 +116,10 @@ BAD_OVERRIDES = [
     (["schedule.warmup_epochs=2"], "schedule.warmup_epochs=2: must be less than run.epochs=2"),
     (["run.name=a/b"], "run.name='a/b'"),
     (["run.storage_retry_s=-1"], "run.storage_retry_s=-1.0: must be >= 0 seconds"),
+    (["parallel.gpus_per_worker=0"], "parallel.gpus_per_worker=0.0: must be > 0 and <= 1"),
+    (["parallel.gpus_per_worker=2"], "parallel.gpus_per_worker=2.0: must be > 0 and <= 1 (a tower uses one GPU)"),
+    (["run.compile_mode=reduce-overhead"], "run.compile_mode=reduce-overhead: takes effect with run.compile=true"),
+    (["run.compile=true", "run.compile_mode=fast"], "run.compile_mode='fast': expected one of default, reduce-overhead"),
     (["width=1"], "expected section.key=value"),
 ]
 
@@ -202,6 +206,12 @@ def test_cluster_resource_checks():
     validate_config(cpu, cluster_resources={"CPU": 8.0})
     auto = load_config("tiny", overrides=["parallel.use_gpu=auto"])
     validate_config(auto, cluster_resources={"CPU": 2.0})  # auto on a CPU cluster: 2 x 0.5 CPU
+    shared = load_config("tiny", overrides=["parallel.use_gpu=true", "parallel.gpus_per_worker=0.5"])
+    validate_config(shared, cluster_resources={"CPU": 8.0, "GPU": 1.0})  # a replica's two towers on one GPU
+    shared.parallel.replicas = 2
+    with pytest.raises(ConfigError, match="2 x 2 = 4 workers x parallel.gpus_per_worker=0.5 need 2 GPUs; "
+                                          "the Ray cluster has 1"):
+        validate_config(shared, cluster_resources={"CPU": 8.0, "GPU": 1.0})
 
 
 def test_programmatic_wrong_type_is_caught():

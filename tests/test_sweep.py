@@ -45,6 +45,17 @@ def test_search_specs_parse_to_typed_dimensions():
     assert base.optimizer.lr == 0.005  # the base is left as it was
 
 
+def test_a_trial_holds_its_workers_share_of_the_gpus():
+    from alexnet_ray.train.sweep import DRIVER_CPUS, Sweep
+
+    whole = Sweep(load_config("tiny", overrides=["parallel.replicas=2"]), ["optimizer.lr=choice:0.01,0.02"])
+    assert whole.trial_needs(use_gpu=True) == {"CPU": DRIVER_CPUS + 4 * 0.5, "GPU": 4.0}
+    shared = Sweep(load_config("tiny", overrides=["parallel.gpus_per_worker=0.5"]), ["optimizer.lr=choice:0.01,0.02"])
+    assert shared.trial_needs(use_gpu=True)["GPU"] == 1.0  # two towers on one GPU
+    assert shared.concurrency({"CPU": 16.0, "GPU": 2.0}, use_gpu=True) == 2
+    assert "GPU" not in shared.trial_needs(use_gpu=False)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("optimizer.lrr=loguniform:1e-3:1e-1", "unknown key optimizer.lrr (did you mean optimizer.lr?)"),
     ("optimiser.lr=loguniform:1e-3:1e-1", "unknown section 'optimiser' (did you mean optimizer?)"),

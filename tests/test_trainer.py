@@ -2,6 +2,7 @@
 dropout on, the paper's recipe runs end to end at laptop size, resume works."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,24 @@ def test_gpu_request_on_cpu_cluster_fails_before_workers(prepared_demo, storage,
     with pytest.raises(ConfigError, match="no GPU"):
         trainer.fit()
     assert not (Path(storage) / "gpu").exists()
+
+
+def test_worker_kernel_choices_follow_run_deterministic(monkeypatch):
+    """Deterministic: cuBLAS gets its fixed workspace (else torch refuses every GPU matmul) and cuDNN
+    its deterministic algorithms; otherwise cuDNN times its algorithms and keeps the fastest."""
+    from alexnet_ray.train.worker import _set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        _set_determinism(load_config("tiny", overrides=["run.deterministic=false"]), 1)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        _set_determinism(load_config("tiny", overrides=["run.deterministic=true"]), 1)
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.use_deterministic_algorithms(deterministic)

@@ -16,6 +16,10 @@ from torch import nn
 
 from alexnet_ray.model.network import NUM_STAGES
 
+# torch.compile's modes: "reduce-overhead" adds CUDA graphs (on GPUs), "max-autotune" kernel
+# autotuning and CUDA graphs, "max-autotune-no-cudagraphs" the tuning alone
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def _stage_function(eager: Callable, index: int) -> Callable:
     def stage(x, *args, **kwargs):

@@ -114,12 +114,12 @@ class LossScaler:
         if not self.enabled:
             optimizer.step()
             return True
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
-            bad = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1)
-        else:
-            bad = torch.zeros(1)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        # on the parameters' device: the overflow flag goes through NCCL, which sends device tensors only
+        bad = torch.zeros(1, device=params[0].device if params else "cpu")
+        if grads:  # one fused pass (GradScaler's kernel): multiply by 1/scale, flag any inf/NaN
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, bad, torch.full_like(bad, 1.0 / self.scale))
         if self.groups is not None:
             for name, group in (("towers", self.groups.pair_group), ("replicas", self.groups.dp_group)):
                 bad = all_reduce_sum(bad, group, f"fp16 overflow check over {name}", self.timeout)

@@ -156,7 +156,7 @@ class Sweep:
         workers = self.config.num_workers
         needs = {"CPU": DRIVER_CPUS + workers * float(p.cpus_per_worker)}
         if use_gpu:
-            needs["GPU"] = float(workers)
+            needs["GPU"] = workers * float(p.gpus_per_worker)
         return needs
 
     def concurrency(self, resources: dict[str, float], use_gpu: bool) -> int:

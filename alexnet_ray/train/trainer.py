@@ -205,7 +205,7 @@ class Trainer:
                 num_workers=worker_bounds(config),
                 elastic_resize_monitor_interval_s=p.resize_interval_s,
                 use_gpu=use_gpu,
-                resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": p.gpus_per_worker} if use_gpu else {})},
                 placement_strategy="PACK",  # tower pairs (adjacent ranks) share a node
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=math.ceil(config.data_wait_s)),

@@ -42,11 +42,22 @@ from alexnet_ray.train.worker_state import WorkerState
 from alexnet_ray.train.tracking import open_tracker
 
 
+# NCCL refuses two ranks on one device unless this is set (NCCL 2.30+; older ones refuse regardless)
+SHARED_GPU_ENV = "NCCL_MULTI_RANK_GPU_ENABLE"
+
+
 def _set_determinism(config: Config, cpus: float) -> None:
+    """Threads, and which kernels may run. Deterministic: cuBLAS needs a fixed workspace (read when
+    its handle is made, so before the first CUDA matmul) or torch refuses every GPU matmul.
+    Otherwise cuDNN times its algorithms for each new shape and keeps the fastest (off by default in
+    torch; AlexNet's grouped and 11x11/4 convolutions are where its heuristics pick slow ones)."""
     torch.set_num_threads(max(1, int(cpus)))
     if config.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def _initial_weights(config: Config) -> dict:
@@ -62,6 +73,8 @@ def setup_worker(loop_config: dict) -> WorkerState | int:
     topology = Topology(config.parallel.towers, config.parallel.replicas)
     _set_determinism(config, config.parallel.cpus_per_worker)
     storage_retries.set_retry_budget(config.run.storage_retry_s)  # this worker's reads, its loaders' tasks
+    if config.parallel.gpus_per_worker < 1:  # read when NCCL makes its communicators: at the first collective
+        os.environ.setdefault(SHARED_GPU_ENV, "1")
     # A partner's read-ahead can hold up any exchange of the pair or the replicas: they all wait
     # for the data wait (the backend's own timeout, too); checkpoint gathers need no read.
     groups = init_parallel_groups(topology, timeout=config.data_wait_s)
@@ -77,7 +90,7 @@ def setup_worker(loop_config: dict) -> WorkerState | int:
     if device.type == "cuda":
         tower.to(memory_format=torch.channels_last)
     if config.run.compile:
-        compile_stages(tower)
+        compile_stages(tower, mode=config.run.compile_mode)
     model = TowerParallel(tower, groups, microbatches=config.parallel.microbatches,
                           exchange_timeout=config.data_wait_s,
                           microbatch_rows=config.microbatch_rows)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from alexnet_ray.data.demo import DEMO_NUM_CLASSES
+from alexnet_ray.model.compiled import COMPILE_MODES
 from alexnet_ray.model.config import ACTIVATIONS, INITS, POOLS, ModelConfig
 from alexnet_ray.parallel.mappings import WaitLimit
 from alexnet_ray.train.precision import CHOICES as PRECISIONS
@@ -75,6 +76,9 @@ class ParallelConfig:
     use_gpu: str = "auto"  # auto | true | false
     exchange_timeout_s: float = 300.0
     cpus_per_worker: float = 1.0
+    # GPU runs: the share of a GPU each tower's worker takes. 0.5 puts a replica's two towers on one
+    # GPU (NCCL ranks sharing a device: NCCL_MULTI_RANK_GPU_ENABLE=1, set for the workers; docs/towers.md)
+    gpus_per_worker: float = 1.0
     resize_interval_s: float = 60.0  # elastic: how often a healthy group checks for room to grow
 
     @property
@@ -108,6 +112,8 @@ class RunConfig:
     resume_from: str | None = None  # a checkpoint (dir or .pt) to start from; any towers x replicas layout
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (alexnet_ray/train/precision.py)
     compile: bool = False  # torch.compile each tower stage (exchanges stay outside the compiled graphs)
+    # torch.compile's mode for those stages; reduce-overhead replays each stage as CUDA graphs on GPUs
+    compile_mode: str = "default"
     # An experiment tracker, logged from rank 0 (alexnet_ray/train/tracking.py); credentials from its env vars
     tracking: str = "none"  # none | mlflow | wandb
     tracking_uri: str | None = None  # MLflow's server; None = $MLFLOW_TRACKING_URI
@@ -133,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.kind": SCHEDULE_KINDS,
     "parallel.use_gpu": ("auto", "true", "false"),
     "run.precision": PRECISIONS,
+    "run.compile_mode": COMPILE_MODES,
     "run.tracking": ("none", "mlflow", "wandb"),
 }
 

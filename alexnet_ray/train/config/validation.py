@@ -104,7 +104,11 @@ def _check_numbers(config: Config) -> None:
     _require(0.0 < s.step_gamma <= 1.0, f"schedule.step_gamma={s.step_gamma}: must be in (0, 1]")
     _require(0.0 <= s.min_lr < o.lr, f"schedule.min_lr={s.min_lr}: must be in [0, optimizer.lr={o.lr})")
     _require(p.exchange_timeout_s > 0, f"parallel.exchange_timeout_s={p.exchange_timeout_s}: must be > 0")
+    _require(r.compile or r.compile_mode == "default",
+             f"run.compile_mode={r.compile_mode}: takes effect with run.compile=true")
     _require(p.cpus_per_worker > 0, f"parallel.cpus_per_worker={p.cpus_per_worker}: must be > 0")
+    _require(0 < p.gpus_per_worker <= 1,
+             f"parallel.gpus_per_worker={p.gpus_per_worker}: must be > 0 and <= 1 (a tower uses one GPU)")
     _require(p.resize_interval_s >= 0, f"parallel.resize_interval_s={p.resize_interval_s}: must be >= 0")
     _require(r.epochs >= 1, f"run.epochs={r.epochs}: must be >= 1")
     _require(r.seed >= 0, f"run.seed={r.seed}: must be >= 0")
@@ -191,7 +195,9 @@ def _check_resources(config: Config, resources: Mapping[str, float]) -> None:
               else f"parallel.replicas={replicas_text(p)}: its minimum, {p.towers} towers x {p.min_replicas} = "
                    f"{workers} workers,")
     if p.use_gpu == "true" or (p.use_gpu == "auto" and gpus >= 1):
-        _require(workers <= gpus, f"{layout} need {workers} GPUs; the Ray cluster has {gpus:g}")
+        need = workers * p.gpus_per_worker
+        share = f" x parallel.gpus_per_worker={p.gpus_per_worker:g}" if p.gpus_per_worker != 1 else ""
+        _require(need <= gpus + 1e-9, f"{layout}{share} need {need:g} GPUs; the Ray cluster has {gpus:g}")
     else:
         need = workers * p.cpus_per_worker
         _require(
