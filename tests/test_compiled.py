@@ -99,3 +99,9 @@ def test_run_compile_mode_reaches_every_stage(monkeypatch):
     assert seen == [{"mode": "reduce-overhead"}] * 5
     assert tower.stage(0, torch.zeros(2, 3, 64, 64)).shape == tower.stage_eager(0, torch.zeros(2, 3, 64, 64)).shape
     assert set(compiled.COMPILE_MODES) >= {"default", "reduce-overhead"}
+    marks = []
+    monkeypatch.setattr(compiled.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    compiled.begin_step(tower)  # CUDA graphs: each training step tells torch the last one's outputs are done
+    compiled.begin_step(compile_stages(Tower(0, 1, **MODEL)))  # default mode: nothing to tell
+    compiled.begin_step(Tower(0, 1, **MODEL))  # eager
+    assert marks == [1]

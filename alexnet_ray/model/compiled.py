@@ -19,6 +19,7 @@ from alexnet_ray.model.network import NUM_STAGES
 # torch.compile's modes: "reduce-overhead" adds CUDA graphs (on GPUs), "max-autotune" kernel
 # autotuning and CUDA graphs, "max-autotune-no-cudagraphs" the tuning alone
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _stage_function(eager: Callable, index: int) -> Callable:
@@ -45,7 +46,15 @@ def compile_stages(model: nn.Module, **options: Any) -> nn.Module:
 
     model.stage_eager = eager
     model.stage = stage
+    model.compile_options = dict(options)
     return model
+
+
+def begin_step(model: nn.Module) -> None:
+    """Before each training step of a model compiled with CUDA graphs: tells torch that the last
+    step's graph outputs are no longer needed, so the next replay may reuse their memory."""
+    if model.__dict__.get("compile_options", {}).get("mode") in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from alexnet_ray import storage, storage_retries
 from alexnet_ray.data.manifest import load_manifest
 from alexnet_ray.data.pipeline import EvalLoader, TrainLoader
 from alexnet_ray.model import AlexNet, Tower, split_state_dict
-from alexnet_ray.model.compiled import compile_stages
+from alexnet_ray.model.compiled import begin_step, compile_stages
 from alexnet_ray.parallel import Topology, TowerParallel, init_parallel_groups
 from alexnet_ray.parallel.mappings import all_reduce_sum
 from alexnet_ray.preprocess import average_crops, to_model_input
@@ -258,6 +258,7 @@ def train_step(w: WorkerState, tools: EpochTools, epoch: int, step: int, item: l
     x = to_model_input(images, lighting, tools.mean, tools.std, device, channels_last=device.type == "cuda")
     fault_injection.point("exchange", epoch, step)
     w.model.step = epoch * tools.loader.batches_per_epoch + step  # named in exchange errors
+    begin_step(w.model.tower)  # run.compile_mode with CUDA graphs
     with w.autocast:
         loss, logits = w.model.forward_backward(
             x, labels, row_offset=tools.row_offsets[step], global_rows=tools.global_rows[step],
