@@ -100,6 +100,8 @@ def setup_worker(loop_config: dict) -> WorkerState | int:
     )
     schedule = make_lr_schedule(config.schedule, loop_config["base_lr"], config.run.epochs)
     precision = resolve_precision(config.run.precision, device.type, device_capability(device))
+    if precision.name == "fp32":  # IEEE fp32: torch lets cuDNN's convolutions round to TF32 by default
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     scaler = LossScaler(precision.scale_loss, groups, timeout=config.parallel.exchange_timeout_s)
     start_epoch = 0
     if state is not None:
