@@ -11,10 +11,10 @@ dashboard itself, whose State API Ray Train polls, stays). It prints the total a
 
 On the device, with carry [".whl"] (the second line prints what the check ran against):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 tests/gpu_kit.py --versions; PYTHONUNBUFFERED=1 python3 tests/gpu_check.py --trainer
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; python3 tests/gpu_kit.py --versions; PYTHONUNBUFFERED=1 python3 tests/gpu_check.py
 
-(jobs/*.py import the package from the repo: there, PYTHONPATH=/tmp/site:$PWD.) Checked locally with
---python-version 3.11, a venv of torch and the image's packages, and `gpu_check.py --cpu --trainer`.
+(jobs/*.py import the package from the repo, hence $PWD.) Checked locally with --python-version 3.11,
+a venv of torch and the image's packages, and `gpu_check.py --cpu`.
 
 What is carried and why: Ray needs jsonschema (and its referencing, rpds-py, specifications);
 Ray Train needs pydantic (pydantic-core, annotated-types, typing-inspection, and a typing-extensions
