@@ -511,11 +511,10 @@ def section_feed(run: Run) -> None:
         if onto_device:  # the worker's path: the batch feed onto the device, then the model's input
             manifest = load_manifest(data)
             for images, labels, lighting in training_batches(batches, sizes, run.model["image_size"], run.groups, run.device):
-                x = to_model_input(images, lighting, manifest.mean, manifest.std, run.device,
-                                   channels_last=run.device.type == "cuda")
+                to_model_input(images, lighting, manifest.mean, manifest.std, run.device,
+                               channels_last=run.device.type == "cuda")
                 rows += len(labels)
             run.sync()
-            del x
         else:
             for item in batches:
                 rows += len(item["labels"])

@@ -77,7 +77,7 @@ class ParallelConfig:
     exchange_timeout_s: float = 300.0
     cpus_per_worker: float = 1.0
     # GPU runs: the share of a GPU each tower's worker takes. 0.5 puts a replica's two towers on one
-    # GPU (NCCL ranks sharing a device: NCCL_MULTI_RANK_GPU_ENABLE=1, set for the workers; docs/towers.md)
+    # GPU (NCCL ranks sharing a device: NCCL_MULTI_RANK_GPU_ENABLE=1, set for the workers; docs/configuration.md)
     gpus_per_worker: float = 1.0
     resize_interval_s: float = 60.0  # elastic: how often a healthy group checks for room to grow
 
